@@ -1,0 +1,75 @@
+"""Block-causal attention: the full-sequence mask and attention over the ring-buffer KV cache.
+
+`ring_attention` is the one dispatch point for the student's self-attention at inference. The torch reference below
+defines its meaning; faster backends (Triton, CUDA) register under a name with the same signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def block_causal_mask(
+    num_frames: int,
+    frame_tokens: int,
+    frames_per_chunk: int,
+    *,
+    window: int | None = None,
+    sink: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Boolean attention mask [F*T, F*T] (True = attend) of the student over a whole sequence.
+
+    A query frame in chunk c sees every frame up to the end of chunk c. With a `window`, it sees only the first
+    `sink` frames and the last `window` frames before that end: exactly what the ring cache holds at that chunk.
+    """
+    if frames_per_chunk < 1:
+        raise ValueError(f"frames_per_chunk must be >= 1, got {frames_per_chunk}")
+    if window is not None and window < frames_per_chunk:
+        raise ValueError(f"window ({window}) must hold at least one chunk ({frames_per_chunk} frames)")
+    frame = torch.arange(num_frames, device=device)
+    chunk_end = torch.clamp((frame // frames_per_chunk + 1) * frames_per_chunk, max=num_frames)  # [F]
+    key = frame[None, :]
+    visible = key < chunk_end[:, None]
+    if window is not None:
+        visible &= (key < sink) | (key >= chunk_end[:, None] - window)
+    return visible.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
+
+
+def ring_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_frame: Tensor, frame_tokens: int) -> Tensor:
+    """Attention of the current chunk over everything the ring cache holds.
+
+    q [B, Lq, H, D] (RoPE applied); k_cache/v_cache [B, S*T, H, D] with S frame slots of T tokens, the current
+    chunk already written; slot_frame [S] the absolute frame in each slot, -1 where empty. The cache holds exactly
+    the frames the chunk may see (sinks, then the window ending with the chunk), so validity is the only mask.
+    Slots are in ring order, not time order: attention does not care, since positions live in the RoPE of K.
+    """
+    valid = (slot_frame >= 0).repeat_interleave(frame_tokens)  # [S*T]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=valid[None, None, None, :]
+    )
+    return out.transpose(1, 2)
+
+
+RingAttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
+_BACKENDS: dict[str, RingAttentionFn] = {"torch": ring_attention_ref}
+_active = "torch"
+
+
+def register_backend(name: str, fn: RingAttentionFn) -> None:
+    _BACKENDS[name] = fn
+
+
+def set_backend(name: str) -> None:
+    global _active
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+    _active = name
+
+
+def ring_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_frame: Tensor, frame_tokens: int) -> Tensor:
+    return _BACKENDS[_active](q, k_cache, v_cache, slot_frame, frame_tokens)

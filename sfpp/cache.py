@@ -1,0 +1,121 @@
+"""Copy-free ring-buffer KV cache for the block-causal student.
+
+Every layer owns S = sink + window frame slots of T tokens. Frame f lives in slot f when f < sink (never evicted),
+else in slot sink + (f - sink) % window: writing a new chunk overwrites the oldest window frames in place, so
+rolling forward costs no copies and memory stays constant however long the video. Positions are device tensors
+updated in place (no `.item()`), so a chunk step can be captured in a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from sfpp.model import WanConfig
+
+
+class ChunkPlan(NamedTuple):
+    frame_pos: Tensor  # [Fc] absolute frame positions of the chunk
+    token_index: Tensor  # [Fc*T] cache rows the chunk writes
+
+
+class RingKVCache(nn.Module):
+    def __init__(
+        self,
+        cfg: WanConfig,
+        *,
+        batch_size: int,
+        frame_tokens: int,
+        window: int = 21,
+        sink: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if window < 1 or sink < 0:
+            raise ValueError(f"window must be >= 1 and sink >= 0, got window={window}, sink={sink}")
+        if batch_size < 1 or frame_tokens < 1:
+            raise ValueError(f"batch_size and frame_tokens must be >= 1, got {batch_size}, {frame_tokens}")
+        self.cfg, self.window, self.sink = cfg, window, sink
+        self.batch_size, self.frame_tokens = batch_size, frame_tokens
+        slots = sink + window
+        kv_shape = (cfg.num_layers, batch_size, slots * frame_tokens, cfg.num_heads, cfg.head_dim)
+        text_shape = (cfg.num_layers, batch_size, cfg.num_heads, cfg.text_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(kv_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(kv_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("text_k", torch.zeros(text_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("text_v", torch.zeros(text_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slot_frame", torch.full((slots,), -1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("chunk_start", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("_tokens", torch.arange(frame_tokens, device=device), persistent=False)
+        self.frames_done = 0  # host mirror of chunk_start, for argument checks only (never read from the device)
+        self.has_text = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def memory_report(self) -> str:
+        kv = 2 * self.k.numel() * self.k.element_size()
+        text = 2 * self.text_k.numel() * self.text_k.element_size()
+        return (
+            f"KV cache: {self.sink} sink + {self.window} window frames x {self.frame_tokens} tokens x "
+            f"{self.cfg.num_layers} layers, batch {self.batch_size}, {self.k.dtype}: "
+            f"self-attn {kv / 2**20:.1f} MiB + text {text / 2**20:.1f} MiB = {self.nbytes / 2**20:.1f} MiB"
+        )
+
+    def reset(self) -> None:
+        """Forget all frames and the text (a new video or a new prompt)."""
+        self.slot_frame.fill_(-1)
+        self.chunk_start.zero_()
+        self.frames_done = 0
+        self.has_text = False
+
+    def set_text(self, text_kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Store per-layer cross-attention K/V [B, H, Lt, D] once per prompt (copied into fixed buffers)."""
+        for i, (k, v) in enumerate(text_kv):
+            self.text_k[i].copy_(k)
+            self.text_v[i].copy_(v)
+        self.has_text = True
+
+    @property
+    def text_kv(self) -> list[tuple[Tensor, Tensor]]:
+        if not self.has_text:
+            raise RuntimeError("the KV cache has no text context: call cache.set_text(model.text_kv(context)) first")
+        return [(self.text_k[i], self.text_v[i]) for i in range(self.cfg.num_layers)]
+
+    def slot_of(self, frame: Tensor) -> Tensor:
+        return torch.where(frame < self.sink, frame, self.sink + (frame - self.sink) % self.window)
+
+    def plan(self, batch_size: int, num_frames: int, frame_tokens: int) -> ChunkPlan:
+        """Slots of the chunk starting at `chunk_start`; marks them as holding its frames."""
+        if batch_size != self.batch_size or frame_tokens != self.frame_tokens:
+            raise ValueError(
+                f"chunk of batch {batch_size} with {frame_tokens} tokens per frame does not fit a cache built for "
+                f"batch {self.batch_size} with {self.frame_tokens} tokens per frame"
+            )
+        if num_frames > self.window:
+            raise ValueError(f"a chunk of {num_frames} frames does not fit the window of {self.window} frames")
+        limit = self.cfg.rope_max_positions
+        if self.frames_done + num_frames > limit:
+            raise ValueError(
+                f"frames {self.frames_done}..{self.frames_done + num_frames - 1} go past the RoPE table of {limit} "
+                f"latent frames: the model cannot place frames beyond position {limit - 1}"
+            )
+        frame_pos = self.chunk_start + torch.arange(num_frames, device=self.chunk_start.device)
+        slots = self.slot_of(frame_pos)
+        self.slot_frame.index_copy_(0, slots, frame_pos)
+        token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
+        return ChunkPlan(frame_pos, token_index)
+
+    def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> None:
+        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots, in place."""
+        self.k[layer].index_copy_(1, plan.token_index, k.to(self.k.dtype))
+        self.v[layer].index_copy_(1, plan.token_index, v.to(self.v.dtype))
+
+    def advance(self, num_frames: int) -> None:
+        """Move past the current chunk: the next `plan` starts `num_frames` later."""
+        self.chunk_start.add_(num_frames)
+        self.frames_done += num_frames

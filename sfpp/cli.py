@@ -1,0 +1,94 @@
+"""The `sfpp` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sfpp.model import CONFIGS
+from sfpp.pipeline import DTYPES, Pipeline, StreamSettings
+from sfpp.video import export_to_video
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sfpp",
+        description="Streaming autoregressive video diffusion (Self-Forcing++ on a Wan2.1 DiT).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate",
+        help="generate a video from a text prompt and write it as an mp4",
+        description="Generate a video chunk by chunk from a text prompt and write it as an H.264 mp4.",
+        epilog='example: sfpp generate --prompt "a red ball bounces across a checkered floor" --seconds 10 -o out.mp4',
+    )
+    gen.add_argument("-p", "--prompt", required=True, help="text describing the video")
+    length = gen.add_mutually_exclusive_group()
+    length.add_argument("-s", "--seconds", type=float, help="video length in seconds (default 5)")
+    length.add_argument("-n", "--num-frames", type=int, help="video length in frames")
+    gen.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same video (default 0)")
+    gen.add_argument("-o", "--output", default="out.mp4", help="output mp4 path (default out.mp4)")
+    model = gen.add_mutually_exclusive_group()
+    model.add_argument("--model", help="model directory (default: the shipped model)")
+    model.add_argument("--config", choices=sorted(CONFIGS), help="use RANDOM weights of a named config (for testing)")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="DiT precision (default float32)")
+    gen.add_argument("--height", type=int, help="frame height in pixels, a multiple of 16 (default: the model's)")
+    gen.add_argument("--width", type=int, help="frame width in pixels, a multiple of 16 (default: the model's)")
+    gen.add_argument("--window", type=int, help="KV-cache window in latent frames (default: the model's)")
+    gen.add_argument("--sink", type=int, help="latent frames kept as attention sinks (default: the model's)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Pipeline:
+    dtype = DTYPES[args.dtype]
+    if args.model:
+        return Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
+    if args.config is None and (DEFAULT_MODEL_DIR / "sfpp_pipeline.json").is_file():
+        return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, device=args.device, dtype=dtype)
+    name = args.config or "tiny"
+    return Pipeline.from_config(name, device=args.device, dtype=dtype)
+
+
+def generate(args: argparse.Namespace) -> int:
+    pipe = _load(args)
+    if pipe.random_weights:
+        print("WARNING: this model has RANDOM weights (no trained model is installed): the video is noise. It "
+              "exercises the whole path: text encoder, DiT over the ring KV cache, decoder, mp4.", file=sys.stderr)
+    overrides = {k: getattr(args, k) for k in ("window", "sink") if getattr(args, k) is not None}
+    if overrides:
+        pipe.settings = StreamSettings(**{**pipe.settings.__dict__, **overrides})
+    length = {"num_frames": args.num_frames} if args.num_frames is not None else {"seconds": args.seconds or 5.0}
+    start = time.perf_counter()
+    frames = []
+    for chunk in pipe.stream(args.prompt, **length, height=args.height, width=args.width, seed=args.seed,
+                             progress=not args.quiet):
+        frames.append(chunk[0])
+    video = torch.cat(frames)
+    elapsed = time.perf_counter() - start
+    path = export_to_video(video, args.output, fps=pipe.fps)
+    print(f"wrote {path}: {video.shape[0]} frames {video.shape[2]}x{video.shape[1]} at {pipe.fps} fps "
+          f"({video.shape[0] / pipe.fps:.1f} s of video) in {elapsed:.1f} s on {args.device}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return generate(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"sfpp: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Wan2.1 text-to-video DiT: the bidirectional teacher and the block-causal student in one module.
+
+Parameter names follow Wan's original checkpoints (`blocks.N.self_attn.q`, `head.modulation`, ...) so that real
+weights load as they are. Shapes are written as [B batch, F latent frames, L tokens, H heads, D head dim].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sfpp.attention import block_causal_mask, ring_attention
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 16  # latent channels of the VAE
+    out_channels: int = 16
+    text_dim: int = 4096  # umT5-XXL hidden size
+    text_len: int = 512  # text tokens the model attends to (padded with zeros)
+    freq_dim: int = 256  # sinusoidal timestep embedding size
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_max_positions: int = 1024  # RoPE table length per axis: the longest video is this many latent frames
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"head_dim={self.head_dim} must be even and at least 6 for the 3D RoPE split")
+        if self.patch_size[0] != 1:
+            raise ValueError("only a temporal patch size of 1 is supported (one token row per latent frame)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Real dims of each head given to the (t, h, w) axes: 44/42/42 for head_dim 128, as in Wan."""
+        hw = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * hw, hw, hw
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WanConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown WanConfig fields {unknown}; known fields are {sorted(known)}")
+        d = dict(d)
+        if "patch_size" in d:
+            d["patch_size"] = tuple(d["patch_size"])
+        return cls(**d)
+
+
+CONFIGS: dict[str, WanConfig] = {
+    "wan2.1-1.3b": WanConfig(),
+    "wan2.1-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # Small sizes for CPU work and tests; same structure, Wan's parameter names.
+    "small": WanConfig(dim=256, ffn_dim=768, num_heads=4, num_layers=4, text_dim=256, text_len=64),
+    "tiny": WanConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32, text_len=16),
+}
+
+
+def get_config(name: str) -> WanConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}")
+    return CONFIGS[name]
+
+
+# ----------------------------------------------------------------------------------------------- embeddings
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half), in float64 for exactness. t [N] -> [N, dim]."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_table(cfg: WanConfig) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [rope_max_positions, head_dim/2]: columns are the t, h and w frequencies side by side."""
+    tables = []
+    for axis_dim in cfg.rope_split:
+        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64, device="cpu") / axis_dim)
+        positions = torch.arange(cfg.rope_max_positions, dtype=torch.float64, device="cpu")
+        tables.append(torch.outer(positions, inv.cpu()))
+    angles = torch.cat(tables, dim=1)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) as Wan does. x [B, L, H, D], cos/sin [L, D/2]."""
+    x32 = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = x32[..., 0], x32[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class Attention(nn.Module):
+    """Projections of Wan's self- and cross-attention; q/k RMSNorm spans all heads, as in Wan."""
+
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def query(self, x: Tensor) -> Tensor:  # [B, L, dim] -> [B, L, H, D]
+        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+
+    def key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        return k, self.v(x).unflatten(-1, (self.num_heads, -1))
+
+
+# Self-attention of one layer: (q, k, v) [B, L, H, D] -> [B, L, H, D]. Either masked attention over the whole
+# sequence or a write into the KV cache followed by attention over the ring.
+AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """Per-frame adaLN: x [B, F*L, dim] fp32, shift/scale [B, F, 1, dim]."""
+    frames = shift.shape[1]
+    return (x.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
+
+
+def _gate(y: Tensor, gate: Tensor) -> Tensor:
+    return (y.float().unflatten(1, (gate.shape[1], -1)) * gate).flatten(1, 2)
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(cfg)
+        self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(cfg)
+        self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(
+        self, x: Tensor, e: Tensor, rope: tuple[Tensor, Tensor], text_kv: tuple[Tensor, Tensor], attend: AttendFn
+    ) -> Tensor:
+        """x [B, F*L, dim] fp32 residual stream; e [B, F, 6, dim] fp32 per-frame modulation."""
+        dtype = self.ffn[0].weight.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e).chunk(6, dim=2)
+
+        h = _modulate(self.norm1(x), shift1, scale1).to(dtype)
+        q = apply_rope(self.self_attn.query(h), *rope)
+        k, v = self.self_attn.key_value(h)
+        y = attend(q, apply_rope(k, *rope), v)  # [B, F*L, H, D]
+        x = x + _gate(self.self_attn.o(y.flatten(2)), gate1)
+
+        q = self.cross_attn.query(self.norm3(x).to(dtype)).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, *text_kv)  # text K/V are [B, H, Lt, D]
+        x = x + self.cross_attn.o(y.transpose(1, 2).flatten(2)).float()
+
+        y = self.ffn(_modulate(self.norm2(x), shift2, scale2).to(dtype))
+        return x + _gate(y, gate2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:  # e [B, F, dim]
+        shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
+        return self.head(_modulate(self.norm(x), shift, scale).to(self.head.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class WanModel(nn.Module):
+    """Wan2.1 DiT. `forward` runs a whole sequence (bidirectional, or block-causal with `frames_per_chunk`);
+    `forward_chunk` runs one chunk of the student against a `RingKVCache`."""
+
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self._rope: tuple[Tensor, Tensor] | None = None  # fp32 cos/sin tables, built on first use per device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.head.weight.dtype
+
+    # --- pieces shared by both modes
+
+    def text_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per-layer cross-attention K/V [B, H, text_len, D] of a text context [B, Lt <= text_len, text_dim].
+
+        As in Wan, the context is zero-padded to `text_len` and padded positions are attended (no mask)."""
+        cfg = self.cfg
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim or context.shape[1] > cfg.text_len:
+            raise ValueError(
+                f"text context must be [batch, <= {cfg.text_len}, {cfg.text_dim}], got {tuple(context.shape)}"
+            )
+        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])).to(self.dtype)
+        ctx = self.text_embedding(context)
+        kvs = []
+        for block in self.blocks:
+            k, v = block.cross_attn.key_value(ctx)
+            kvs.append((k.transpose(1, 2), v.transpose(1, 2)))
+        return kvs
+
+    def time_modulation(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """t [B, F] timesteps in [0, 1000] -> e [B, F, dim] and per-block modulation e0 [B, F, 6, dim], fp32."""
+        w = self.time_embedding[0].weight
+        e = self.time_embedding(sinusoidal_embedding(t.flatten(), self.cfg.freq_dim).to(w.dtype))
+        e0 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
+        return e.float().unflatten(0, t.shape), e0.float().unflatten(0, t.shape)
+
+    def rope(self, frame_pos: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """cos/sin [F*h*w, D/2] for tokens at absolute frame positions `frame_pos` [F] (a device tensor)."""
+        t_dim, h_dim, _ = (d // 2 for d in self.cfg.rope_split)
+        f = frame_pos.shape[0]
+        if self._rope is None or self._rope[0].device != frame_pos.device:
+            self._rope = tuple(table.to(frame_pos.device) for table in rope_table(self.cfg))
+        out = []
+        for table in self._rope:
+            ft = table.index_select(0, frame_pos)[:, :t_dim]
+            fh = table[:height, t_dim : t_dim + h_dim]
+            fw = table[:width, t_dim + h_dim :]
+            grid = torch.cat(
+                [
+                    ft[:, None, None].expand(f, height, width, -1),
+                    fh[None, :, None].expand(f, height, width, -1),
+                    fw[None, None, :].expand(f, height, width, -1),
+                ],
+                dim=-1,
+            )
+            out.append(grid.flatten(0, 2))
+        return out[0], out[1]
+
+    def _check_latents(self, x: Tensor, t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        cfg = self.cfg
+        _, ph, pw = cfg.patch_size
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents must be [batch, {cfg.in_channels}, frames, height, width], got {tuple(x.shape)}")
+        if x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent height/width {tuple(x.shape[3:])} must be multiples of the patch {(ph, pw)}")
+        b, f = x.shape[0], x.shape[2]
+        if t.ndim == 1:
+            t = t[:, None].expand(b, f)
+        if t.shape != (b, f):
+            raise ValueError(f"timesteps must be [batch] or [batch, frames] = [{b}, {f}], got {tuple(t.shape)}")
+        return t, (f, x.shape[3] // ph, x.shape[4] // pw)
+
+    def _run(self, x: Tensor, t: Tensor, grid: tuple[int, int, int], frame_pos: Tensor,
+             text_kv: list[tuple[Tensor, Tensor]], attend: Callable[[int], AttendFn]) -> Tensor:
+        f, h, w = grid
+        tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
+        e, e0 = self.time_modulation(t)
+        rope = self.rope(frame_pos, h, w)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, rope, text_kv[i], attend(i))
+        out = self.head(tokens, e)  # [B, F*h*w, C*ph*pw]
+        return self._unpatchify(out.float(), grid)
+
+    def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        f, h, w = grid
+        _, ph, pw = self.cfg.patch_size
+        x = x.view(x.shape[0], f, h, w, ph, pw, self.cfg.out_channels)
+        return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(x.shape[0], -1, f, h * ph, w * pw)
+
+    # --- whole sequence: teacher (bidirectional) or student training (block-causal)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        *,
+        frames_per_chunk: int | None = None,
+        window: int | None = None,
+        sink: int = 0,
+    ) -> Tensor:
+        """Predict the flow (noise - x0) for latents x [B, C, F, H, W] at timesteps t [B] or [B, F].
+
+        frames_per_chunk=None is the bidirectional teacher. Otherwise frames attend block-causally by chunks, and
+        with `window` to the first `sink` frames plus the last `window` frames, as the student does over its cache.
+        """
+        t, grid = self._check_latents(x, t)
+        f, h, w = grid
+        if f > self.cfg.rope_max_positions:
+            raise ValueError(f"{f} latent frames exceed the RoPE table of {self.cfg.rope_max_positions} positions")
+        mask = None
+        if frames_per_chunk is not None:
+            mask = block_causal_mask(f, h * w, frames_per_chunk, window=window, sink=sink, device=x.device)
+
+        def attend(_: int) -> AttendFn:
+            def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+                return out.transpose(1, 2)
+
+            return fn
+
+        frame_pos = torch.arange(f, device=x.device)
+        return self._run(x, t, grid, frame_pos, self.text_kv(context), attend)
+
+    # --- one chunk of the student over the KV cache
+
+    def forward_chunk(self, x: Tensor, t: Tensor, cache) -> Tensor:
+        """Flow for one chunk x [B, C, Fc, H, W] at frame positions cache.chunk_start + [0, Fc).
+
+        Writes this chunk's K/V into the ring (the same slots each time until `cache.advance`), then attends over
+        sink + window. Uses the text K/V stored by `cache.set_text`. No host synchronisation."""
+        t, grid = self._check_latents(x, t)
+        f, h, w = grid
+        plan = cache.plan(x.shape[0], f, h * w)
+
+        def attend(i: int) -> AttendFn:
+            def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                cache.write(i, plan, k, v)
+                return ring_attention(q, cache.k[i], cache.v[i], cache.slot_frame, h * w)
+
+            return fn
+
+        return self._run(x, t, grid, plan.frame_pos, cache.text_kv, attend)

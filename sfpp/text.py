@@ -1,0 +1,62 @@
+"""Text encoders behind one interface: `encode(prompts) -> [B, text_len, text_dim]`, padded positions zeroed.
+
+umT5-XXL (the real Wan path) implements the same interface; `ByteTextEncoder` is a small byte-level transformer
+for CPU work and the toy world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ByteTextEncoderConfig:
+    text_dim: int = 32
+    text_len: int = 16
+    num_layers: int = 2
+    num_heads: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ByteTextEncoder(nn.Module):
+    """UTF-8 bytes -> embeddings -> a few transformer layers. Token 0 pads, 1 begins every prompt (so an empty
+    prompt still has a token to attend to), byte b is token b + 2."""
+
+    def __init__(self, cfg: ByteTextEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(258, cfg.text_dim)
+        self.position_embedding = nn.Parameter(torch.randn(cfg.text_len, cfg.text_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.text_dim, cfg.num_heads, 4 * cfg.text_dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.text_dim)
+
+    @property
+    def text_dim(self) -> int:
+        return self.cfg.text_dim
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        """[B, text_len] token ids; prompts are truncated to text_len - 1 bytes."""
+        ids = torch.zeros(len(prompts), self.cfg.text_len, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            data = [1] + [b + 2 for b in prompt.encode("utf-8")][: self.cfg.text_len - 1]
+            ids[i, : len(data)] = torch.tensor(data, dtype=torch.long)
+        return ids
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pad = ids == 0
+        x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
+        x = self.norm(self.layers(x, src_key_padding_mask=pad))
+        return x.masked_fill(pad[..., None], 0.0)  # Wan zeroes padded positions
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Tensor:
+        device = self.token_embedding.weight.device
+        return self(self.tokenize(prompts).to(device))

@@ -1,0 +1,93 @@
+"""Latents to pixels, and pixels to an mp4.
+
+Decoders follow Wan's VAE geometry: 8x spatial and 4x temporal compression, the first latent frame decoding to one
+video frame and every later one to four. They decode in a stream, one chunk of latent frames at a time.
+`LatentPreviewDecoder` is a fixed linear latent-to-RGB map (no weights to train or download): it shows what the
+latents do, it is not a VAE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def num_latent_frames(num_frames: int, temporal_factor: int) -> int:
+    """Latent frames needed for `num_frames` video frames: 1 + ceil((num_frames - 1) / temporal_factor)."""
+    return 1 + (num_frames - 1 + temporal_factor - 1) // temporal_factor
+
+
+class LatentPreviewDecoder:
+    temporal_factor = 4
+    spatial_factor = 8
+
+    def __init__(self, channels: int = 16) -> None:
+        self.channels = channels
+        # Each RGB channel averages its own third of the latent channels.
+        proj = torch.zeros(3, channels)
+        for c in range(channels):
+            proj[c * 3 // channels, c] = 1.0
+        self.proj = proj / proj.sum(1, keepdim=True)
+
+    def to_dict(self) -> dict:
+        return {"type": "preview", "channels": self.channels}
+
+    def stream(self) -> _PreviewStream:
+        return _PreviewStream(self)
+
+    def decode_frames(self, z: Tensor) -> Tensor:
+        """z [B, C, f, h, w] -> uint8 [B, f, 8h, 8w, 3], one image per latent frame."""
+        rgb = torch.einsum("rc,bcfhw->bfrhw", self.proj.to(z.device), z.float())
+        rgb = F.interpolate(rgb.flatten(0, 1), scale_factor=self.spatial_factor, mode="nearest")
+        rgb = rgb.unflatten(0, (z.shape[0], z.shape[2]))
+        pixels = (0.5 + 0.5 * torch.tanh(rgb)).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return pixels.permute(0, 1, 3, 4, 2)
+
+
+class _PreviewStream:
+    def __init__(self, decoder: LatentPreviewDecoder) -> None:
+        self.decoder = decoder
+        self.first = True
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Next chunk of latents [B, C, f, h, w] -> its video frames uint8 [B, n, H, W, 3]."""
+        frames = self.decoder.decode_frames(z).repeat_interleave(self.decoder.temporal_factor, dim=1)
+        if self.first:  # the first latent frame stands for one video frame, not four
+            frames = frames[:, self.decoder.temporal_factor - 1 :]
+            self.first = False
+        return frames
+
+
+def export_to_video(frames: Tensor | np.ndarray | list, path: str | Path, fps: int = 16) -> Path:
+    """Write one video, frames [T, H, W, 3] (uint8, or float in [0, 1]), to an H.264 mp4 through PyAV."""
+    import av
+
+    if isinstance(frames, list):
+        frames = np.stack([np.asarray(f) for f in frames])
+    if isinstance(frames, Tensor):
+        frames = frames.detach().cpu().numpy()
+    if frames.ndim == 5:
+        raise ValueError(f"export_to_video writes one video; got a batch of {frames.shape[0]}: pass frames[i]")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames must be [T, H, W, 3] with T >= 1, got shape {tuple(frames.shape)}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 (yuv420p) needs even height and width, got {height}x{width}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return path
