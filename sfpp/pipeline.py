@@ -82,6 +82,8 @@ class Pipeline:
         self.schedule = schedule or FlowMatchSchedule()
         self.settings = settings or StreamSettings()
         self.random_weights = random_weights
+        self._cache: RingKVCache | None = None
+        self._cache_key: tuple | None = None
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +180,8 @@ class Pipeline:
             num_frames = max(1, round(seconds * s.fps))
         if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-        height, width = height or s.height, width or s.width
+        height = s.height if height is None else height
+        width = s.width if width is None else width
         multiple = self.decoder.spatial_factor * self.transformer.cfg.patch_size[1]
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
@@ -192,6 +195,17 @@ class Pipeline:
                 f"{limit} latent frames: at most {max_frames} frames ({max_frames / s.fps:.0f} s at {s.fps} fps)"
             )
         return num_frames, num_chunks, height // self.decoder.spatial_factor, width // self.decoder.spatial_factor
+
+    def _cache_for(self, batch_size: int, frame_tokens: int) -> RingKVCache:
+        """The KV cache, reset for a new video; reallocated only when its shape, device or dtype changes."""
+        model, s = self.transformer, self.settings
+        key = (batch_size, frame_tokens, s.window, s.sink, model.dtype, self.device)
+        if self._cache_key != key:
+            self._cache = RingKVCache(model.cfg, batch_size=batch_size, frame_tokens=frame_tokens, window=s.window,
+                                      sink=s.sink, dtype=model.dtype, device=self.device)
+            self._cache_key = key
+        self._cache.reset()
+        return self._cache
 
     def encode_prompt(self, prompt: str | list[str]) -> Tensor:
         return self.text_encoder.encode(_validate_prompt(prompt)).to(self.transformer.dtype)
@@ -219,9 +233,8 @@ class Pipeline:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         model, s = self.transformer, self.settings
         frame_tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
-        cache = RingKVCache(model.cfg, batch_size=len(prompts), frame_tokens=frame_tokens, window=s.window,
-                            sink=s.sink, dtype=model.dtype, device=self.device)
-        cache.set_text(model.text_kv(self.encode_prompt(prompts)))
+        cache = self._cache_for(len(prompts), frame_tokens)
+        cache.set_text(model.text_kv(self.encode_prompt(prompts)))  # once per prompt, reused by every step
         decoder = self.decoder.stream()
         remaining = num_frames
         bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="sfpp")

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from sfpp.model import WanConfig, WanModel
+
+# Small enough for CPU, with every structural feature of Wan2.1: 3 heads of 16 (RoPE split 8/4/4 real dims over
+# t/h/w), qk norm across heads, cross-attention norm, patch (1, 2, 2), 16 latent channels.
+TEST_CONFIG = WanConfig(dim=48, ffn_dim=80, num_heads=3, num_layers=2, in_channels=16, out_channels=16,
+                        text_dim=24, text_len=10, freq_dim=32)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter fresh random values (norm weights too), so no term is trivially identity or zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or ".norm" in name else 0.0
+            p.copy_(base + scale * torch.randn(p.shape, generator=gen))
+    return module
+
+
+@pytest.fixture
+def cfg() -> WanConfig:
+    return TEST_CONFIG
+
+
+@pytest.fixture
+def model(cfg) -> WanModel:
+    torch.manual_seed(0)
+    return randomize_(WanModel(cfg).eval())
