@@ -60,22 +60,28 @@ def _load(args: argparse.Namespace) -> Pipeline:
 def generate(args: argparse.Namespace) -> int:
     pipe = _load(args)
     if pipe.random_weights:
-        print("WARNING: this model has RANDOM weights (no trained model is installed): the video is noise. It "
-              "exercises the whole path: text encoder, DiT over the ring KV cache, decoder, mp4.", file=sys.stderr)
+        print(
+            "WARNING: this model has RANDOM weights (no trained model is installed): the video is noise. It "
+            "exercises the whole path: text encoder, DiT over the ring KV cache, decoder, mp4.",
+            file=sys.stderr,
+        )
     overrides = {k: getattr(args, k) for k in ("window", "sink") if getattr(args, k) is not None}
     if overrides:
         pipe.settings = StreamSettings(**{**pipe.settings.__dict__, **overrides})
     length = {"num_frames": args.num_frames} if args.num_frames is not None else {"seconds": args.seconds or 5.0}
     start = time.perf_counter()
     frames = []
-    for chunk in pipe.stream(args.prompt, **length, height=args.height, width=args.width, seed=args.seed,
-                             progress=not args.quiet):
+    for chunk in pipe.stream(
+        args.prompt, **length, height=args.height, width=args.width, seed=args.seed, progress=not args.quiet
+    ):
         frames.append(chunk[0])
     video = torch.cat(frames)
     elapsed = time.perf_counter() - start
     path = export_to_video(video, args.output, fps=pipe.fps)
-    print(f"wrote {path}: {video.shape[0]} frames {video.shape[2]}x{video.shape[1]} at {pipe.fps} fps "
-          f"({video.shape[0] / pipe.fps:.1f} s of video) in {elapsed:.1f} s on {args.device}")
+    print(
+        f"wrote {path}: {video.shape[0]} frames {video.shape[2]}x{video.shape[1]} at {pipe.fps} fps "
+        f"({video.shape[0] / pipe.fps:.1f} s of video) in {elapsed:.1f} s on {args.device}"
+    )
     return 0
 
 

@@ -175,7 +175,9 @@ class WanBlock(nn.Module):
         self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = Attention(cfg)
         self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(
@@ -297,8 +299,15 @@ class WanModel(nn.Module):
             raise ValueError(f"timesteps must be [batch] or [batch, frames] = [{b}, {f}], got {tuple(t.shape)}")
         return t, (f, x.shape[3] // ph, x.shape[4] // pw)
 
-    def _run(self, x: Tensor, t: Tensor, grid: tuple[int, int, int], frame_pos: Tensor,
-             text_kv: list[tuple[Tensor, Tensor]], attend: Callable[[int], AttendFn]) -> Tensor:
+    def _run(
+        self,
+        x: Tensor,
+        t: Tensor,
+        grid: tuple[int, int, int],
+        frame_pos: Tensor,
+        text_kv: list[tuple[Tensor, Tensor]],
+        attend: Callable[[int], AttendFn],
+    ) -> Tensor:
         f, h, w = grid
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
         e, e0 = self.time_modulation(t)

@@ -1,8 +1,8 @@
 """The user-facing pipeline: prompt in, streamed video frames out.
 
-    pipe = Pipeline.from_pretrained("path/to/model")
-    video = pipe(prompt="a red ball bounces", seconds=10, generator=torch.Generator().manual_seed(0)).frames[0]
-    export_to_video(video, "out.mp4", fps=pipe.fps)
+pipe = Pipeline.from_pretrained("path/to/model")
+video = pipe(prompt="a red ball bounces", seconds=10, generator=torch.Generator().manual_seed(0)).frames[0]
+export_to_video(video, "out.mp4", fps=pipe.fps)
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ class Pipeline:
                 f"text encoder dim {text_encoder.text_dim} != transformer text_dim {transformer.cfg.text_dim}"
             )
         if decoder.channels != transformer.cfg.in_channels:
-            raise ValueError(f"decoder channels {decoder.channels} != transformer channels {transformer.cfg.in_channels}")
+            raise ValueError(
+                f"decoder channels {decoder.channels} != transformer channels {transformer.cfg.in_channels}"
+            )
         self.transformer = transformer.eval()
         self.text_encoder = text_encoder.eval()
         self.decoder = decoder
@@ -111,8 +113,9 @@ class Pipeline:
         transformer = WanModel(cfg)
         text_encoder = ByteTextEncoder(ByteTextEncoderConfig(text_dim=cfg.text_dim, text_len=min(cfg.text_len, 64)))
         settings = settings or StreamSettings(height=64, width=64)
-        pipe = cls(transformer, text_encoder, LatentPreviewDecoder(cfg.in_channels), settings=settings,
-                   random_weights=True)
+        pipe = cls(
+            transformer, text_encoder, LatentPreviewDecoder(cfg.in_channels), settings=settings, random_weights=True
+        )
         return pipe.to(device, dtype)
 
     @classmethod
@@ -150,7 +153,10 @@ class Pipeline:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        for module, file in ((self.transformer, "transformer.safetensors"), (self.text_encoder, "text_encoder.safetensors")):
+        for module, file in (
+            (self.transformer, "transformer.safetensors"),
+            (self.text_encoder, "text_encoder.safetensors"),
+        ):
             save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, str(path / file))
         meta = {
             "transformer": asdict(self.transformer.cfg),
@@ -201,8 +207,15 @@ class Pipeline:
         model, s = self.transformer, self.settings
         key = (batch_size, frame_tokens, s.window, s.sink, model.dtype, self.device)
         if self._cache_key != key:
-            self._cache = RingKVCache(model.cfg, batch_size=batch_size, frame_tokens=frame_tokens, window=s.window,
-                                      sink=s.sink, dtype=model.dtype, device=self.device)
+            self._cache = RingKVCache(
+                model.cfg,
+                batch_size=batch_size,
+                frame_tokens=frame_tokens,
+                window=s.window,
+                sink=s.sink,
+                dtype=model.dtype,
+                device=self.device,
+            )
             self._cache_key = key
         self._cache.reset()
         return self._cache
@@ -251,4 +264,3 @@ class Pipeline:
         """Generate whole videos: the frames of `stream(...)` concatenated. Same arguments as `stream`."""
         chunks = list(self.stream(prompt, return_latents=True, **kwargs))
         return PipelineOutput(frames=torch.cat([f for f, _ in chunks], 1), latents=torch.cat([z for _, z in chunks], 2))
-

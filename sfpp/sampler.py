@@ -25,7 +25,7 @@ class FlowMatchSchedule:
         steps = self.denoising_steps
         if not steps or any(not 0 < s <= self.num_train_timesteps for s in steps):
             raise ValueError(f"denoising_steps must be in (0, {self.num_train_timesteps}], got {steps}")
-        if any(a <= b for a, b in zip(steps, steps[1:])):
+        if any(a <= b for a, b in zip(steps, steps[1:], strict=False)):
             raise ValueError(f"denoising_steps must be strictly decreasing, got {steps}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")

@@ -5,8 +5,17 @@ from sfpp.model import WanConfig, WanModel
 
 # Small enough for CPU, with every structural feature of Wan2.1: 3 heads of 16 (RoPE split 8/4/4 real dims over
 # t/h/w), qk norm across heads, cross-attention norm, patch (1, 2, 2), 16 latent channels.
-TEST_CONFIG = WanConfig(dim=48, ffn_dim=80, num_heads=3, num_layers=2, in_channels=16, out_channels=16,
-                        text_dim=24, text_len=10, freq_dim=32)
+TEST_CONFIG = WanConfig(
+    dim=48,
+    ffn_dim=80,
+    num_heads=3,
+    num_layers=2,
+    in_channels=16,
+    out_channels=16,
+    text_dim=24,
+    text_len=10,
+    freq_dim=32,
+)
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:

@@ -115,8 +115,12 @@ def test_cache_memory_is_constant_and_reported(cfg):
     assert cache.nbytes == expected
     ptr = cache.k.data_ptr()
     for _ in range(40):
-        cache.write(0, cache.plan(1, 3, 4), torch.randn(1, 12, cfg.num_heads, cfg.head_dim),
-                    torch.randn(1, 12, cfg.num_heads, cfg.head_dim))
+        cache.write(
+            0,
+            cache.plan(1, 3, 4),
+            torch.randn(1, 12, cfg.num_heads, cfg.head_dim),
+            torch.randn(1, 12, cfg.num_heads, cfg.head_dim),
+        )
         cache.advance(3)
     assert cache.k.data_ptr() == ptr and cache.nbytes == expected  # written in place, never reallocated
     assert "MiB" in cache.memory_report()

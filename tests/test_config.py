@@ -9,11 +9,21 @@ from sfpp.model import CONFIGS, WanConfig, WanModel, get_config
 def wan_checkpoint_keys(num_layers: int) -> set[str]:
     """The tensor names of Wan2.1-T2V's `diffusion_pytorch_model.safetensors` (original layout), written out."""
     keys = {
-        "patch_embedding.weight", "patch_embedding.bias",
-        "text_embedding.0.weight", "text_embedding.0.bias", "text_embedding.2.weight", "text_embedding.2.bias",
-        "time_embedding.0.weight", "time_embedding.0.bias", "time_embedding.2.weight", "time_embedding.2.bias",
-        "time_projection.1.weight", "time_projection.1.bias",
-        "head.head.weight", "head.head.bias", "head.modulation",
+        "patch_embedding.weight",
+        "patch_embedding.bias",
+        "text_embedding.0.weight",
+        "text_embedding.0.bias",
+        "text_embedding.2.weight",
+        "text_embedding.2.bias",
+        "time_embedding.0.weight",
+        "time_embedding.0.bias",
+        "time_embedding.2.weight",
+        "time_embedding.2.bias",
+        "time_projection.1.weight",
+        "time_projection.1.bias",
+        "head.head.weight",
+        "head.head.bias",
+        "head.modulation",
     }
     for i in range(num_layers):
         b = f"blocks.{i}"
@@ -56,8 +66,9 @@ def test_wan_1_3b_shapes_match_diffusers_on_meta():
 
     with torch.device("meta"):
         ours = WanModel(get_config("wan2.1-1.3b")).state_dict()
-        ref = diffusers.WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
-                                              num_layers=30).state_dict()
+        ref = diffusers.WanTransformer3DModel(
+            num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30
+        ).state_dict()
     ref = convert_diffusers_to_wan(ref)
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
     assert 1.2e9 < sum(v.numel() for v in ours.values()) < 1.5e9  # "1.3B"

@@ -13,9 +13,17 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 def diffusers_twin(model: WanModel):
     cfg = model.cfg
     ref = diffusers.WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps,
+        patch_size=cfg.patch_size,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=cfg.cross_attn_norm,
+        eps=cfg.eps,
         rope_max_seq_len=cfg.rope_max_positions,
     )
     # diffusers' own converter from Wan's original names: an independent check of our parameter names.

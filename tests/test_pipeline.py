@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
+from conftest import TEST_CONFIG, randomize_
 
 from sfpp.model import WanModel
 from sfpp.pipeline import Pipeline, StreamSettings
 from sfpp.sampler import FlowMatchSchedule, add_noise, flow_to_x0
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.video import LatentPreviewDecoder
-
-from conftest import TEST_CONFIG, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def test_generation_equals_cache_free_loop(pipe):
             seq = torch.cat(frames + [x], dim=2)
             t = torch.cat([torch.zeros(1, seq.shape[2] - x.shape[2]), torch.full((1, x.shape[2]), 1000 * sigma)], 1)
             flow = model(seq, t, context, frames_per_chunk=s.frames_per_chunk, window=s.window, sink=s.sink)
-            x0 = flow_to_x0(x, flow[:, :, -x.shape[2]:], sigma)
+            x0 = flow_to_x0(x, flow[:, :, -x.shape[2] :], sigma)
             if i + 1 < len(sched.sigmas):
                 x = add_noise(x0, torch.randn(x0.shape, generator=g), sched.sigmas[i + 1])
         frames.append(x0)
@@ -95,8 +94,13 @@ def test_generation_equals_cache_free_loop(pipe):
 
 def test_context_noise_changes_the_context(pipe):
     clean = pipe("a", num_frames=13, seed=0, progress=False).latents
-    noisy_pipe = Pipeline(pipe.transformer, pipe.text_encoder, pipe.decoder, settings=pipe.settings,
-                          schedule=FlowMatchSchedule(context_noise=100))
+    noisy_pipe = Pipeline(
+        pipe.transformer,
+        pipe.text_encoder,
+        pipe.decoder,
+        settings=pipe.settings,
+        schedule=FlowMatchSchedule(context_noise=100),
+    )
     noisy = noisy_pipe("a", num_frames=13, seed=0, progress=False).latents
     n = pipe.settings.frames_per_chunk
     assert not torch.allclose(clean[:, :, n:], noisy[:, :, n:])  # later chunks see a noised context
