@@ -25,6 +25,12 @@ from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.video import LatentPreviewDecoder, num_latent_frames
 
 CONFIG_FILE = "sfpp_pipeline.json"
+TRANSFORMER_FILE = "transformer.safetensors"
+
+# The parts a model directory may name by "type". Each class has `from_meta(meta, directory)`, `to_meta()` and
+# `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).
+TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder}
+DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -122,6 +128,7 @@ class Pipeline:
     def from_pretrained(
         cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Pipeline:
+        """Load a model directory written by `save_pretrained`: weights load onto the meta device, no second copy."""
         path = Path(path)
         config_path = path / CONFIG_FILE
         if not config_path.is_file():
@@ -129,19 +136,15 @@ class Pipeline:
         meta = json.loads(config_path.read_text())
         with torch.device("meta"):
             transformer = WanModel(WanConfig.from_dict(meta["transformer"]))
-            text_encoder = ByteTextEncoder(ByteTextEncoderConfig(**meta["text_encoder"]))
-        for module, file in ((transformer, "transformer.safetensors"), (text_encoder, "text_encoder.safetensors")):
-            load_weights(module, load_file(path / file), source=str(path / file))
+        weights = path / TRANSFORMER_FILE
+        load_weights(transformer, load_file(weights), source=str(weights))
         schedule = dict(meta.get("schedule", {}))
         if "denoising_steps" in schedule:
             schedule["denoising_steps"] = tuple(schedule["denoising_steps"])
-        decoder_meta = meta.get("decoder", {"type": "preview"})
-        if decoder_meta.get("type") != "preview":
-            raise CheckpointError(f"unknown decoder type {decoder_meta.get('type')!r} in {config_path}")
         pipe = cls(
             transformer,
-            text_encoder,
-            LatentPreviewDecoder(decoder_meta.get("channels", transformer.cfg.in_channels)),
+            _part(TEXT_ENCODERS, meta["text_encoder"], path, "text encoder"),
+            _part(DECODERS, meta["decoder"], path, "decoder"),
             schedule=FlowMatchSchedule(**schedule),
             settings=StreamSettings(**meta.get("settings", {})),
             random_weights=meta.get("random_weights", False),
@@ -153,15 +156,14 @@ class Pipeline:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        for module, file in (
-            (self.transformer, "transformer.safetensors"),
-            (self.text_encoder, "text_encoder.safetensors"),
-        ):
-            save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, str(path / file))
+        sd = {k: v.contiguous().cpu() for k, v in self.transformer.state_dict().items()}
+        save_file(sd, str(path / TRANSFORMER_FILE))
+        self.text_encoder.save(path)
+        self.decoder.save(path)
         meta = {
             "transformer": asdict(self.transformer.cfg),
-            "text_encoder": self.text_encoder.cfg.to_dict(),
-            "decoder": self.decoder.to_dict(),
+            "text_encoder": self.text_encoder.to_meta(),
+            "decoder": self.decoder.to_meta(),
             "schedule": asdict(self.schedule),
             "settings": asdict(self.settings),
             "random_weights": self.random_weights,
@@ -264,3 +266,10 @@ class Pipeline:
         """Generate whole videos: the frames of `stream(...)` concatenated. Same arguments as `stream`."""
         chunks = list(self.stream(prompt, return_latents=True, **kwargs))
         return PipelineOutput(frames=torch.cat([f for f, _ in chunks], 1), latents=torch.cat([z for _, z in chunks], 2))
+
+
+def _part(registry: dict[str, type], meta: dict, directory: Path, what: str):
+    kind = meta.get("type")
+    if kind not in registry:
+        raise CheckpointError(f"unknown {what} type {kind!r} in {directory / CONFIG_FILE}; known: {sorted(registry)}")
+    return registry[kind].from_meta(meta, directory)

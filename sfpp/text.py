@@ -7,6 +7,7 @@ for CPU work and the toy world.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +19,6 @@ class ByteTextEncoderConfig:
     text_len: int = 16
     num_layers: int = 2
     num_heads: int = 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class ByteTextEncoder(nn.Module):
@@ -38,9 +36,27 @@ class ByteTextEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.text_dim)
 
+    WEIGHTS = "text_encoder.safetensors"
+
     @property
     def text_dim(self) -> int:
         return self.cfg.text_dim
+
+    def to_meta(self) -> dict:
+        return {"type": "byte", "config": asdict(self.cfg)}
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, str(directory / self.WEIGHTS))
+
+    @classmethod
+    def from_meta(cls, meta: dict, directory: Path) -> ByteTextEncoder:
+        from sfpp.checkpoint import load_file, load_weights
+
+        with torch.device("meta"):
+            encoder = cls(ByteTextEncoderConfig(**meta["config"]))
+        return load_weights(encoder, load_file(directory / cls.WEIGHTS), source=str(directory / cls.WEIGHTS))
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """[B, text_len] token ids; prompts are truncated to text_len - 1 bytes."""

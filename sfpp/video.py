@@ -33,8 +33,15 @@ class LatentPreviewDecoder:
             proj[c * 3 // channels, c] = 1.0
         self.proj = proj / proj.sum(1, keepdim=True)
 
-    def to_dict(self) -> dict:
+    def to_meta(self) -> dict:
         return {"type": "preview", "channels": self.channels}
+
+    def save(self, directory: Path) -> None:
+        pass  # nothing learned, nothing to save
+
+    @classmethod
+    def from_meta(cls, meta: dict, directory: Path) -> LatentPreviewDecoder:
+        return cls(meta.get("channels", 16))
 
     def stream(self) -> _PreviewStream:
         return _PreviewStream(self)
