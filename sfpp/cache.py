@@ -110,10 +110,17 @@ class RingKVCache(nn.Module):
         token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
         return ChunkPlan(frame_pos, token_index)
 
-    def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> None:
-        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots, in place."""
-        self.k[layer].index_copy_(1, plan.token_index, k.to(self.k.dtype))
-        self.v[layer].index_copy_(1, plan.token_index, v.to(self.v.dtype))
+    def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots; return the layer's K/V to attend over.
+
+        In place, except under autograd (training rollouts): then the write goes to a copy, so the context pass
+        that later overwrites these slots cannot clobber tensors saved for the backward pass."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return self.k[layer].index_copy(1, plan.token_index, k), self.v[layer].index_copy(1, plan.token_index, v)
+        self.k[layer].index_copy_(1, plan.token_index, k)
+        self.v[layer].index_copy_(1, plan.token_index, v)
+        return self.k[layer], self.v[layer]
 
     def advance(self, num_frames: int) -> None:
         """Move past the current chunk: the next `plan` starts `num_frames` later."""

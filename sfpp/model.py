@@ -371,8 +371,8 @@ class WanModel(nn.Module):
 
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                cache.write(i, plan, k, v)
-                return ring_attention(q, cache.k[i], cache.v[i], cache.slot_frame, h * w)
+                k_all, v_all = cache.write(i, plan, k, v)
+                return ring_attention(q, k_all, v_all, cache.slot_frame, h * w)
 
             return fn
 
