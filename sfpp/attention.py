@@ -40,14 +40,27 @@ def block_causal_mask(
     return visible.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
 
 
-def ring_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_frame: Tensor, frame_tokens: int) -> Tensor:
+def ring_attention_ref(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_frame: Tensor,
+    frame_tokens: int,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
     """Attention of the current chunk over everything the ring cache holds.
 
     q [B, Lq, H, D] (RoPE applied); k_cache/v_cache [B, S*T, H, D] with S frame slots of T tokens, the current
     chunk already written; slot_frame [S] the absolute frame in each slot, -1 where empty. The cache holds exactly
     the frames the chunk may see (sinks, then the window ending with the chunk), so validity is the only mask.
     Slots are in ring order, not time order: attention does not care, since positions live in the RoPE of K.
+    An fp8 cache comes with per-token-per-head scales k_scale/v_scale [B, S*T, H]: K = k_cache * k_scale.
     """
+    if k_scale is not None:
+        k_cache = (k_cache.float() * k_scale[..., None]).to(q.dtype)
+    if v_scale is not None:
+        v_cache = (v_cache.float() * v_scale[..., None]).to(q.dtype)
     valid = (slot_frame >= 0).repeat_interleave(frame_tokens)  # [S*T]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=valid[None, None, None, :]
@@ -55,7 +68,7 @@ def ring_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_frame: 
     return out.transpose(1, 2)
 
 
-RingAttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
+RingAttentionFn = Callable[..., Tensor]  # the signature of ring_attention_ref
 _BACKENDS: dict[str, RingAttentionFn] = {"torch": ring_attention_ref}
 _active = "torch"
 
@@ -71,5 +84,13 @@ def set_backend(name: str) -> None:
     _active = name
 
 
-def ring_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot_frame: Tensor, frame_tokens: int) -> Tensor:
-    return _BACKENDS[_active](q, k_cache, v_cache, slot_frame, frame_tokens)
+def ring_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_frame: Tensor,
+    frame_tokens: int,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
+    return _BACKENDS[_active](q, k_cache, v_cache, slot_frame, frame_tokens, k_scale, v_scale)

@@ -15,10 +15,34 @@ from torch import Tensor, nn
 
 from sfpp.model import WanConfig
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token-per-head fp8 e4m3: x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] fp32), x ~ x8 * scale.
+
+    The largest |x| of each row maps to 448, so each row keeps fp8's full relative precision (3 mantissa bits)."""
+    x32 = x.float()
+    scale = x32.abs().amax(-1).clamp_min(1e-12) / FP8_MAX
+    return (x32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(x8: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (x8.float() * scale[..., None]).to(dtype)
+
 
 class ChunkPlan(NamedTuple):
     frame_pos: Tensor  # [Fc] absolute frame positions of the chunk
     token_index: Tensor  # [Fc*T] cache rows the chunk writes
+
+
+class LayerKV(NamedTuple):
+    """One layer's ring as `ring_attention` takes it: k, v [B, S*T, H, D] and, for fp8, scales [B, S*T, H]."""
+
+    k: Tensor
+    v: Tensor
+    k_scale: Tensor | None = None
+    v_scale: Tensor | None = None
 
 
 class RingKVCache(nn.Module):
@@ -31,8 +55,11 @@ class RingKVCache(nn.Module):
         window: int = 21,
         sink: int = 0,
         dtype: torch.dtype = torch.float32,
+        kv_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
+        """`kv_dtype=torch.float8_e4m3fn` stores the self-attention K/V in fp8 with per-token-per-head fp32 scales
+        (k_scale/v_scale [num_layers, B, S*T, H]); by default K/V are kept in `dtype`."""
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window must be >= 1 and sink >= 0, got window={window}, sink={sink}")
@@ -43,8 +70,15 @@ class RingKVCache(nn.Module):
         slots = sink + window
         kv_shape = (cfg.num_layers, batch_size, slots * frame_tokens, cfg.num_heads, cfg.head_dim)
         text_shape = (cfg.num_layers, batch_size, cfg.num_heads, cfg.text_len, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(kv_shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(kv_shape, dtype=dtype, device=device), persistent=False)
+        kv_dtype = kv_dtype or dtype
+        if kv_dtype not in (dtype, torch.float8_e4m3fn):
+            raise ValueError(f"kv_dtype must be the cache dtype {dtype} or torch.float8_e4m3fn, got {kv_dtype}")
+        self.fp8 = kv_dtype == torch.float8_e4m3fn
+        self.register_buffer("k", torch.zeros(kv_shape, dtype=kv_dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(kv_shape, dtype=kv_dtype, device=device), persistent=False)
+        scale = torch.ones(kv_shape[:-1], device=device) if self.fp8 else None
+        self.register_buffer("k_scale", scale, persistent=False)
+        self.register_buffer("v_scale", None if scale is None else scale.clone(), persistent=False)
         self.register_buffer("text_k", torch.zeros(text_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("text_v", torch.zeros(text_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("slot_frame", torch.full((slots,), -1, dtype=torch.long, device=device), persistent=False)
@@ -59,10 +93,12 @@ class RingKVCache(nn.Module):
 
     def memory_report(self) -> str:
         kv = 2 * self.k.numel() * self.k.element_size()
+        if self.fp8:
+            kv += 2 * self.k_scale.numel() * self.k_scale.element_size()
         text = 2 * self.text_k.numel() * self.text_k.element_size()
         return (
             f"KV cache: {self.sink} sink + {self.window} window frames x {self.frame_tokens} tokens x "
-            f"{self.cfg.num_layers} layers, batch {self.batch_size}, {self.k.dtype}: "
+            f"{self.cfg.num_layers} layers, batch {self.batch_size}, {self.k.dtype}{' + scales' if self.fp8 else ''}: "
             f"self-attn {kv / 2**20:.1f} MiB + text {text / 2**20:.1f} MiB = {self.nbytes / 2**20:.1f} MiB"
         )
 
@@ -110,17 +146,29 @@ class RingKVCache(nn.Module):
         token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
         return ChunkPlan(frame_pos, token_index)
 
-    def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> LayerKV:
         """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots; return the layer's K/V to attend over.
 
         In place, except under autograd (training rollouts): then the write goes to a copy, so the context pass
-        that later overwrites these slots cannot clobber tensors saved for the backward pass."""
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        that later overwrites these slots cannot clobber tensors saved for the backward pass. An fp8 cache stores
+        the chunk quantized per token and head, with its scales."""
+        rows = [(self.k, k), (self.v, v)]
+        if self.fp8:
+            (k, ks), (v, vs) = quantize_fp8(k), quantize_fp8(v)
+            rows = [(self.k, k), (self.v, v), (self.k_scale, ks), (self.v_scale, vs)]
+        rows = [(buf[layer], x.to(buf.dtype)) for buf, x in rows]
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return self.k[layer].index_copy(1, plan.token_index, k), self.v[layer].index_copy(1, plan.token_index, v)
-        self.k[layer].index_copy_(1, plan.token_index, k)
-        self.v[layer].index_copy_(1, plan.token_index, v)
-        return self.k[layer], self.v[layer]
+            return LayerKV(*[buf.index_copy(1, plan.token_index, x) for buf, x in rows], *[None] * (4 - len(rows)))
+        for buf, x in rows:
+            if buf.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernel on every device: copy the bytes
+                buf, x = buf.view(torch.uint8), x.view(torch.uint8)
+            buf.index_copy_(1, plan.token_index, x)
+        return self.layer(layer)
+
+    def layer(self, layer: int) -> LayerKV:
+        if self.fp8:
+            return LayerKV(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer])
+        return LayerKV(self.k[layer], self.v[layer])
 
     def advance(self, num_frames: int) -> None:
         """Move past the current chunk: the next `plan` starts `num_frames` later."""

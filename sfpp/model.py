@@ -371,8 +371,8 @@ class WanModel(nn.Module):
 
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                k_all, v_all = cache.write(i, plan, k, v)
-                return ring_attention(q, k_all, v_all, cache.slot_frame, h * w)
+                kv = cache.write(i, plan, k, v)
+                return ring_attention(q, kv.k, kv.v, cache.slot_frame, h * w, kv.k_scale, kv.v_scale)
 
             return fn
 
