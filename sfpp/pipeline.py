@@ -1,6 +1,8 @@
 """The user-facing pipeline: prompt in, streamed video frames out.
 
-pipe = Pipeline.from_pretrained("path/to/model")
+pipe = Pipeline.from_pretrained("path/to/model")    # sfpp's own, Wan2.1's original, or the diffusers layout
+pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B", checkpoint="self_forcing_dmd.pt", device="cuda",
+                                dtype=torch.bfloat16, cuda_graph=True)
 video = pipe(prompt="a red ball bounces", seconds=10, generator=torch.Generator().manual_seed(0)).frames[0]
 export_to_video(video, "out.mp4", fps=pipe.fps)
 """
@@ -19,9 +21,12 @@ from tqdm.auto import tqdm
 
 from sfpp.cache import RingKVCache
 from sfpp.checkpoint import CheckpointError, load_file, load_weights
+from sfpp.graph import ChunkRunner, nvtx_range
 from sfpp.model import WanConfig, WanModel, get_config
-from sfpp.sampler import FlowMatchSchedule, denoise_chunk, randn
+from sfpp.sampler import FlowMatchSchedule
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
+from sfpp.umt5 import UMT5TextEncoder
+from sfpp.vae import WanVAE
 from sfpp.video import LatentPreviewDecoder, num_latent_frames
 
 CONFIG_FILE = "sfpp_pipeline.json"
@@ -29,8 +34,8 @@ TRANSFORMER_FILE = "transformer.safetensors"
 
 # The parts a model directory may name by "type". Each class has `from_meta(meta, directory)`, `to_meta()` and
 # `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).
-TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder}
-DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder}
+TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder, "umt5": UMT5TextEncoder}
+DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,7 +80,12 @@ class Pipeline:
         schedule: FlowMatchSchedule | None = None,
         settings: StreamSettings | None = None,
         random_weights: bool = False,
+        cuda_graph: bool = False,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ) -> None:
+        """`cuda_graph`: capture each chunk's work once and replay it (CUDA only; eager elsewhere). `compile`:
+        `torch.compile` the chunk (with `compile_options`); both together replay compiled kernels."""
         if text_encoder.text_dim != transformer.cfg.text_dim:
             raise ValueError(
                 f"text encoder dim {text_encoder.text_dim} != transformer text_dim {transformer.cfg.text_dim}"
@@ -90,8 +100,16 @@ class Pipeline:
         self.schedule = schedule or FlowMatchSchedule()
         self.settings = settings or StreamSettings()
         self.random_weights = random_weights
+        if getattr(text_encoder, "text_len", 0) > transformer.cfg.text_len:
+            raise ValueError(
+                f"text encoder emits {text_encoder.text_len} tokens, more than transformer text_len "
+                f"{transformer.cfg.text_len}"
+            )
+        self.runner_options = {"cuda_graph": cuda_graph, "compile": compile, "compile_options": compile_options}
         self._cache: RingKVCache | None = None
         self._cache_key: tuple | None = None
+        self._runner: ChunkRunner | None = None
+        self._runner_key: tuple | None = None
 
     @property
     def device(self) -> torch.device:
@@ -126,30 +144,63 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        checkpoint: str | Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        ema: bool = True,
+        settings: StreamSettings | None = None,
+        **options,
     ) -> Pipeline:
-        """Load a model directory written by `save_pretrained`: weights load onto the meta device, no second copy."""
+        """Load a model directory: sfpp's own (`save_pretrained`), Wan2.1's original layout (config.json,
+        diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or
+        the diffusers layout (model_index.json). `checkpoint`: DiT weights that replace the directory's, e.g. a
+        Self-Forcing `.pt` (its `generator_ema` if `ema` and present, else `generator`). Weights are read tensor by
+        tensor onto meta-device models: no second copy. `options`: `cuda_graph`, `compile`, `compile_options`."""
+        from sfpp import wan_checkpoints as wc
+
         path = Path(path)
-        config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{path} is not an sfpp model directory: {CONFIG_FILE} is missing")
-        meta = json.loads(config_path.read_text())
+        layout = wc.detect_layout(path) if path.is_dir() else None
+        if layout is None:
+            raise FileNotFoundError(
+                f"{path} is not an sfpp model directory: {CONFIG_FILE} is missing (nor is it a Wan2.1 directory with "
+                f"{wc.WAN_CONFIG}, or a diffusers one with {wc.DIFFUSERS_INDEX})"
+            )
+        read_dtype = dtype  # cast tensor by tensor while reading: never a second full copy
+        if layout == "sfpp":
+            pipe = cls._from_sfpp_directory(path, load_dit=checkpoint is None, **options)
+            if settings is not None:
+                pipe.settings = settings
+        else:
+            load = wc.load_wan_directory if layout == "wan" else wc.load_diffusers_directory
+            transformer, text_encoder, vae = load(path, dtype=read_dtype, load_dit_weights=checkpoint is None)
+            pipe = cls(transformer, text_encoder, vae, settings=settings, **options)
+        if checkpoint is not None:
+            wc.load_checkpoint(pipe.transformer, checkpoint, ema=ema, dtype=read_dtype)
+        return pipe.to(device, dtype)
+
+    @classmethod
+    def _from_sfpp_directory(cls, path: Path, *, load_dit: bool = True, **options) -> Pipeline:
+        meta = json.loads((path / CONFIG_FILE).read_text())
         with torch.device("meta"):
             transformer = WanModel(WanConfig.from_dict(meta["transformer"]))
-        weights = path / TRANSFORMER_FILE
-        load_weights(transformer, load_file(weights), source=str(weights))
+        if load_dit:
+            weights = path / TRANSFORMER_FILE
+            load_weights(transformer, load_file(weights), source=str(weights))
         schedule = dict(meta.get("schedule", {}))
         if "denoising_steps" in schedule:
             schedule["denoising_steps"] = tuple(schedule["denoising_steps"])
-        pipe = cls(
+        return cls(
             transformer,
             _part(TEXT_ENCODERS, meta["text_encoder"], path, "text encoder"),
             _part(DECODERS, meta["decoder"], path, "decoder"),
             schedule=FlowMatchSchedule(**schedule),
             settings=StreamSettings(**meta.get("settings", {})),
             random_weights=meta.get("random_weights", False),
+            **options,
         )
-        return pipe.to(device, dtype)
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -170,10 +221,19 @@ class Pipeline:
         }
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> Pipeline:
-        """Move to a device; the DiT runs in `dtype`, the small text encoder stays fp32."""
+    def to(
+        self,
+        device: str | torch.device,
+        dtype: torch.dtype = torch.float32,
+        *,
+        decoder_dtype: torch.dtype | None = None,
+    ) -> Pipeline:
+        """Move to a device; the DiT runs in `dtype`, a VAE decoder in `decoder_dtype` (default: `dtype`); the text
+        encoder keeps its own precision (umT5 with offload keeps its weights on the CPU between prompts)."""
         self.transformer.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device)
+        if isinstance(self.decoder, torch.nn.Module):
+            self.decoder.to(device=device, dtype=decoder_dtype or dtype)
         return self
 
     # --- generation
@@ -222,8 +282,47 @@ class Pipeline:
         self._cache.reset()
         return self._cache
 
+    def _runner_for(self, cache: RingKVCache, shape: tuple[int, ...]) -> ChunkRunner:
+        """The chunk runner of this cache and chunk shape (a captured CUDA graph is reused across videos)."""
+        key = (id(cache), shape, self.schedule)
+        if self._runner_key != key:
+            self._runner = ChunkRunner(self.transformer, cache, self.schedule, **self.runner_options)
+            self._runner_key = key
+        return self._runner
+
+    def memory_estimate(self, batch_size: int, height: int, width: int) -> dict[str, int]:
+        """Rough device bytes one generation needs: DiT weights, KV cache, peak activations of a chunk."""
+        cfg, s = self.transformer.cfg, self.settings
+        elt = torch.finfo(self.transformer.dtype).bits // 8
+        frame_tokens = (height // self.decoder.spatial_factor // cfg.patch_size[1]) * (
+            width // self.decoder.spatial_factor // cfg.patch_size[2]
+        )
+        tokens = batch_size * s.frames_per_chunk * frame_tokens
+        kv = 2 * cfg.num_layers * batch_size * cfg.dim * elt * ((s.sink + s.window) * frame_tokens + cfg.text_len)
+        dit_act = tokens * (cfg.ffn_dim * elt + 8 * cfg.dim * 4)  # FFN hidden + fp32 residual/modulation
+        video_frames = s.frames_per_chunk * self.decoder.temporal_factor
+        base = getattr(getattr(self.decoder, "cfg", None), "base_dim", 1)
+        vae_act = 6 * batch_size * video_frames * height * width * base * elt if base > 1 else 0
+        weights = sum(p.numel() * p.element_size() for p in self.transformer.parameters())
+        return {"dit_weights": weights, "kv_cache": kv, "activations": max(dit_act, vae_act)}
+
+    def _oom_error(self, exc: Exception, batch_size: int, height: int, width: int) -> torch.OutOfMemoryError:
+        need = self.memory_estimate(batch_size, height, width)
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GiB" for k, v in need.items())
+        have = ""
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            have = f"; the device has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB"
+        return torch.OutOfMemoryError(
+            f"out of memory on {self.device} generating batch {batch_size} at {width}x{height} with a window of "
+            f"{self.settings.window} latent frames: this needs about {sum(need.values()) / 2**30:.2f} GiB ({parts})"
+            f"{have}. Try a smaller batch, resolution or window, a lower-precision KV cache, or offloading the text "
+            f"encoder. ({exc})"
+        )
+
     def encode_prompt(self, prompt: str | list[str]) -> Tensor:
-        return self.text_encoder.encode(_validate_prompt(prompt)).to(self.transformer.dtype)
+        with nvtx_range("text encoder"):
+            return self.text_encoder.encode(_validate_prompt(prompt)).to(self.device, self.transformer.dtype)
 
     @torch.no_grad()
     def stream(
@@ -248,15 +347,25 @@ class Pipeline:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         model, s = self.transformer, self.settings
         frame_tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
-        cache = self._cache_for(len(prompts), frame_tokens)
-        cache.set_text(model.text_kv(self.encode_prompt(prompts)))  # once per prompt, reused by every step
+        shape = (len(prompts), model.cfg.in_channels, s.frames_per_chunk, h, w)
+        pixels = (len(prompts), h * self.decoder.spatial_factor, w * self.decoder.spatial_factor)
+        try:
+            cache = self._cache_for(len(prompts), frame_tokens)
+            cache.set_text(model.text_kv(self.encode_prompt(prompts)))  # once per prompt, reused by every step
+            runner = self._runner_for(cache, shape)
+        except torch.OutOfMemoryError as exc:
+            raise self._oom_error(exc, *pixels) from exc
         decoder = self.decoder.stream()
         remaining = num_frames
         bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="sfpp")
-        shape = (len(prompts), model.cfg.in_channels, s.frames_per_chunk, h, w)
         for _ in range(num_chunks):
-            latents = denoise_chunk(model, cache, randn(shape, generator, self.device), self.schedule, generator)
-            frames = decoder.decode(latents)[:, :remaining]
+            try:
+                # The chunk's noise, drawn in the eager sampler's order: the same video in every runner mode.
+                latents = runner(runner.draw_noise(shape, generator, self.device))
+                with nvtx_range("decode"):
+                    frames = decoder.decode(latents)[:, :remaining]
+            except torch.OutOfMemoryError as exc:
+                raise self._oom_error(exc, *pixels) from exc
             remaining -= frames.shape[1]
             bar.update(frames.shape[1])
             yield (frames, latents) if return_latents else frames
