@@ -1,0 +1,62 @@
+"""Training entry point (one process, or many under torchrun).
+
+python -m train all --recipe toy --out runs/toy          # every stage in order, then eval and ship
+python -m train teacher --recipe toy --out runs/toy      # one stage (resumes from its last checkpoint)
+torchrun --nproc_per_node=2 -m train all --recipe smoke --out /tmp/smoke
+python -m train eval --recipe toy --out runs/toy         # long-horizon evaluation: table and plots
+python -m train ship --recipe toy --out runs/toy         # write the default model into sfpp/assets/default
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from train.common import info, init_distributed
+from train.config import RECIPES, get_recipe
+from train.stages import STAGES, run_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("command", choices=[*STAGES, "all", "eval", "ship"])
+    p.add_argument("--recipe", default="toy", choices=sorted(RECIPES))
+    p.add_argument("--out", default="runs/toy", help="run directory (stages resume from it)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop a stage after this many steps (tests)")
+    p.add_argument("--ship-to", default=None, help="where `ship` writes the model (default sfpp/assets/default)")
+    args = p.parse_args(argv)
+
+    if "SFPP_THREADS" in os.environ:  # small models on a busy CPU run faster on one thread than on two
+        torch.set_num_threads(int(os.environ["SFPP_THREADS"]))
+    recipe, out = get_recipe(args.recipe), Path(args.out)
+    env = init_distributed(args.device)
+    stages = STAGES if args.command == "all" else (args.command,) if args.command in STAGES else ()
+    for name in stages:
+        start = time.time()
+        run_stage(name, recipe, out, env, stop_after=args.stop_after)
+        info(env, f"[{name}] {time.time() - start:.0f} s")
+    if args.command in ("eval", "all") and env.is_main:
+        from train.evaluate import evaluate
+
+        evaluate(recipe, out, env.device)
+    if args.command in ("ship", "all") and env.is_main:
+        from train.ship import ship
+
+        ship(recipe, out, Path(args.ship_to) if args.ship_to else None)
+    if env.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

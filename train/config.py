@@ -1,0 +1,139 @@
+"""Training recipes as dataclasses: one per stage, bundled in a `Recipe`.
+
+`toy` trains every stage on the procedural world on a 2-core CPU; `smoke` is the same at a size CI runs in seconds;
+`wan2.1-1.3b` is the real-model recipe (its data come from the same world interface until real videos are wired in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from sfpp.model import WanConfig, get_config
+from sfpp.text import ByteTextEncoderConfig
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup: int = 100
+    cond_dropout: float = 0.1  # empty prompt this often, for classifier-free guidance
+    train_shift: float = 3.0  # sigma = shift * u / (1 + (shift - 1) u), u ~ U(0, 1)
+
+
+@dataclass(frozen=True)
+class ODEConfig:
+    trajectories: int = 512
+    euler_steps: int = 32  # a multiple of the student's 4 steps, so its timesteps lie on the Euler grid
+    guidance: float = 3.0
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 2e-4
+
+
+@dataclass(frozen=True)
+class DMDConfig:
+    steps: int = 300  # generator updates
+    batch_size: int = 8
+    gen_lr: float = 2e-5
+    critic_lr: float = 4e-5
+    critic_per_gen: int = 5  # critic updates per generator update
+    guidance: float = 3.0
+    ema_decay: float = 0.99
+    ema_start: int = 50
+    rollout_frames: int = 12  # N latent frames rolled out; == the teacher horizon for Self-Forcing
+    window_sampling: str = "uniform"  # "uniform" (the paper's) or "beta" (Beta(1, 2) ablation)
+    min_sigma: float = 0.02
+    max_sigma: float = 0.98
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    steps: int = 60
+    prompts_per_step: int = 2
+    group_size: int = 4
+    rollout_frames: int = 24
+    lr: float = 2e-6
+    clip_eps: float = 0.2
+    inner_epochs: int = 2
+    flow_floor: float = 0.25  # px/frame added to the mean flow in the reward's denominator
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: WanConfig
+    text: ByteTextEncoderConfig
+    frame_size: int = 32  # pixels
+    codec_factor: int = 4  # pixel-unshuffle factor: latent side = frame_size / codec_factor
+    fps: int = 8
+    horizon: int = 12  # teacher horizon K in latent frames (= video frames for the toy codec)
+    frames_per_chunk: int = 3
+    window: int = 12  # student's rolling KV cache, latent frames
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ode: ODEConfig = field(default_factory=ODEConfig)
+    self_forcing: DMDConfig = field(default_factory=DMDConfig)
+    extended: DMDConfig = field(default_factory=lambda: DMDConfig(rollout_frames=60))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    log_every: int = 25
+    ckpt_every: int = 100
+
+    @property
+    def latent_size(self) -> int:
+        return self.frame_size // self.codec_factor
+
+
+TOY_MODEL = WanConfig(
+    dim=128,
+    ffn_dim=384,
+    num_heads=4,
+    num_layers=4,
+    in_channels=48,
+    out_channels=48,
+    text_dim=64,
+    text_len=128,
+    freq_dim=64,
+)
+TOY_TEXT = ByteTextEncoderConfig(text_dim=64, text_len=128, num_layers=2, num_heads=2)
+
+RECIPES: dict[str, Recipe] = {
+    "toy": Recipe("toy", TOY_MODEL, TOY_TEXT),
+    "smoke": Recipe(
+        "smoke",
+        replace(TOY_MODEL, dim=32, ffn_dim=64, num_heads=2, num_layers=1),
+        replace(TOY_TEXT, num_layers=1),
+        horizon=6,
+        window=6,
+        teacher=TeacherConfig(steps=4, batch_size=2, warmup=1),
+        ode=ODEConfig(trajectories=4, euler_steps=8, steps=3, batch_size=2),
+        self_forcing=DMDConfig(steps=2, batch_size=2, critic_per_gen=2, ema_start=0, rollout_frames=6),
+        extended=DMDConfig(steps=2, batch_size=2, critic_per_gen=2, ema_start=0, rollout_frames=12),
+        grpo=GRPOConfig(steps=2, prompts_per_step=1, group_size=2, rollout_frames=6, inner_epochs=1),
+        log_every=1,
+        ckpt_every=2,
+    ),
+    # The real model: Wan2.1-T2V-1.3B at 832x480 (VAE latents 104x60), 21-frame horizon and window, umT5 text.
+    "wan2.1-1.3b": Recipe(
+        "wan2.1-1.3b",
+        get_config("wan2.1-1.3b"),
+        ByteTextEncoderConfig(text_dim=4096, text_len=512),
+        frame_size=480,
+        codec_factor=8,
+        fps=16,
+        horizon=21,
+        window=21,
+        teacher=TeacherConfig(batch_size=1, lr=1e-5),
+        ode=ODEConfig(trajectories=16000, batch_size=1),
+        self_forcing=DMDConfig(batch_size=1, gen_lr=2e-6, critic_lr=4e-7, rollout_frames=21, ema_start=200),
+        extended=DMDConfig(batch_size=1, gen_lr=2e-6, critic_lr=4e-7, rollout_frames=400, ema_start=200),
+        grpo=GRPOConfig(rollout_frames=84),
+    ),
+}
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return replace(RECIPES[name], **overrides)

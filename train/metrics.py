@@ -1,0 +1,106 @@
+"""Long-video metrics on decoded frames (uint8 [T, H, W, 3]): exposure, motion, flicker, repetition, and fidelity
+to the world's ground truth; and the optical-flow smoothness reward of GRPO."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from train.world import COLOURS, SPEEDS, WorldSpec
+
+FLOW_UPSCALE = 2  # Farneback needs a few pixels of texture; the toy frames are 32x32
+
+
+def luma(frames: np.ndarray) -> np.ndarray:
+    """[T, H, W, 3] uint8 -> [T, H, W] in [0, 1] (Rec. 601)."""
+    return (frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255.0
+
+
+def flow_magnitudes(frames: np.ndarray) -> np.ndarray:
+    """Mean optical-flow magnitude between consecutive frames, in pixels of the input per frame. [T] -> [T-1]."""
+    import cv2
+
+    gray = [cv2.resize((g * 255).astype(np.uint8), None, fx=FLOW_UPSCALE, fy=FLOW_UPSCALE) for g in luma(frames)]
+    mags = []
+    for a, b in zip(gray[:-1], gray[1:], strict=True):
+        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 2, 9, 3, 5, 1.1, 0)
+        mags.append(float(np.linalg.norm(flow, axis=-1).mean()) / FLOW_UPSCALE)
+    return np.array(mags, np.float32)
+
+
+def smoothness_reward(frames: np.ndarray, flow_floor: float) -> float:
+    """GRPO reward: minus the mean jump of the flow magnitude between consecutive frame pairs, relative to the mean
+    magnitude (plus a floor, so that a frozen video does not win by dividing by nothing). Spikes cost the most."""
+    mags = flow_magnitudes(frames)
+    if len(mags) < 2:
+        return 0.0
+    return -float(np.abs(np.diff(mags)).mean() / (mags.mean() + flow_floor))
+
+
+def window_metrics(frames: np.ndarray, spec: WorldSpec | None = None, min_lag: int = 12) -> dict[str, float]:
+    """Metrics of one window of frames [T, H, W, 3]."""
+    y = luma(frames)
+    mags = flow_magnitudes(frames)
+    out = {
+        "luminance": float(y.mean()),
+        "clipped": float(((y > 0.98) | (y < 0.02)).mean()),
+        "dynamic": float(mags.mean()) if len(mags) else 0.0,
+        "flicker": float(np.abs(y[2:] - 2 * y[1:-1] + y[:-2]).mean()) if len(y) > 2 else 0.0,
+    }
+    if spec is not None:
+        out["fidelity"] = fidelity(frames, spec)
+    return out
+
+
+def no_repeat(frames: np.ndarray, min_lag: int, floor: float = 0.004) -> float:
+    """NoRepeat-style score over a whole video: the fraction of frames (after the first `min_lag`) that differ from
+    every frame at least `min_lag` earlier by more than half of how much the video typically changes over
+    `min_lag` frames (and more than `floor`, so a frozen video counts as repeating). Frozen or looping -> low."""
+    x = frames.astype(np.float32) / 255.0
+    if len(x) <= min_lag:
+        return 1.0
+    typical = float(np.abs(x[min_lag:] - x[:-min_lag]).mean())
+    threshold = max(0.5 * typical, floor)
+    fresh = []
+    for t in range(min_lag, len(x)):
+        nearest = np.abs(x[: t - min_lag + 1] - x[t]).mean(axis=(1, 2, 3)).min()
+        fresh.append(float(nearest > threshold))
+    return float(np.mean(fresh))
+
+
+def fidelity(frames: np.ndarray, spec: WorldSpec, tolerance: float = 0.22) -> float:
+    """Do the prompted objects persist with their colours, sizes and speeds? Per object: find the pixels near its
+    colour in each frame; score presence x size agreement x speed agreement against the ground truth; average."""
+    x = frames.astype(np.float32) / 255.0
+    side = x.shape[1]
+    scores = []
+    for obj in spec.objects:
+        colour = np.array(COLOURS[obj.colour], np.float32)
+        # Lighting scales an object's colour by a factor a in about [0.65, 1.1]: match pixels to a * colour.
+        a = np.clip((x @ colour) / (colour @ colour), 0.65, 1.1)
+        near = np.linalg.norm(x - a[..., None] * colour, axis=-1) < tolerance
+        true_area = _area(obj.shape, obj.radius) * side * side
+        area = near.sum(axis=(1, 2)).astype(np.float32)
+        present = (area > 0.35 * true_area) & (area < 2.5 * true_area)
+        size_score = np.where(present, np.minimum(area, true_area) / np.maximum(area, true_area), 0.0)
+        ys, xs = np.mgrid[:side, :side]
+        centroids = np.stack(
+            [(near * xs).sum((1, 2)) / np.maximum(area, 1), (near * ys).sum((1, 2)) / np.maximum(area, 1)], -1
+        )
+        both = present[1:] & present[:-1]
+        speed_score = 0.0
+        if both.any():
+            moved = np.linalg.norm(np.diff(centroids, axis=0), axis=-1)[both].mean()
+            true_speed = SPEEDS[obj.speed] * side
+            speed_score = float(min(moved, true_speed) / max(moved, true_speed, 1e-6))
+        scores.append(float(present.mean()) * float(size_score[present].mean() if present.any() else 0) * speed_score)
+    return float(np.mean(scores))
+
+
+def _area(shape: str, radius: float) -> float:
+    if shape == "circle":
+        return math.pi * radius**2
+    if shape == "square":
+        return (2 * radius / 1.15) ** 2
+    return 2 * (radius / 0.8) ** 2  # diamond: |x| + |y| < r / 0.8

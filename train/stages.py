@@ -1,0 +1,502 @@
+"""The five stages of Self-Forcing++ (Algorithm 1 and appendix A.5-A.6), each resumable from its checkpoints.
+
+teacher   -> bidirectional DiT + text encoder, flow matching on clips of `horizon` latent frames, CFG dropout
+ode       -> block-causal student regressed onto the teacher's ODE trajectories at its 4 timesteps (eq. 4)
+dmd       -> Self-Forcing: rollouts of `horizon` frames through the ring cache, DMD (eq. 3) with a fake-score critic
+extended  -> Self-Forcing++: rollouts of N >> horizon frames, DMD on a uniformly drawn window (eq. 1-2)
+grpo      -> GRPO with an optical-flow smoothness reward (eq. 5-7)
+
+Stage outputs live in <out>/<stage>/final/ (weights, metrics.json, DONE); checkpoints in <out>/<stage>/ckpt/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sfpp.cache import RingKVCache
+from sfpp.model import WanModel
+from sfpp.sampler import FlowMatchSchedule, flow_to_x0
+from sfpp.text import ByteTextEncoder
+from sfpp.toy import PixelShuffleCodec
+from train import rollout as R
+from train.common import (
+    EMA,
+    Dist,
+    Logger,
+    full_state_dict,
+    info,
+    load_checkpoint,
+    load_full_state_dict,
+    load_optimizer_state,
+    optimizer_state,
+    save_checkpoint,
+    shard,
+    weights_checksum,
+    write_json,
+)
+from train.config import DMDConfig, Recipe
+from train.metrics import smoothness_reward
+from train.world import render_batch, sample_spec
+
+STAGES = ("teacher", "ode", "dmd", "extended", "grpo")
+
+
+def world_codec(recipe: Recipe) -> PixelShuffleCodec:
+    """The toy latent codec, standardised with colour statistics of 256 world frames (deterministic)."""
+    video, _ = render_batch(list(range(10**6, 10**6 + 64)), 4, recipe.frame_size)
+    mean = video.mean(dim=(0, 1, 3, 4)).tolist()
+    std = video.std(dim=(0, 1, 3, 4)).tolist()
+    return PixelShuffleCodec(recipe.codec_factor, [round(m, 4) for m in mean], [round(s, 4) for s in std])
+
+
+def data_seeds(step: int, rank: int, world_size: int, batch: int, salt: int) -> list[int]:
+    """Clip seeds for one step: disjoint across ranks, steps and stages, the same after a resume."""
+    base = ((salt * 1_000_003 + step) * world_size + rank) * batch
+    return [base + i for i in range(batch)]
+
+
+def world_prompts(seeds: list[int]) -> list[str]:
+    return [sample_spec(s).prompt() for s in seeds]
+
+
+def load_module(module: nn.Module, path: Path) -> nn.Module:
+    from sfpp.checkpoint import load_file, load_weights
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the stage that produces it first")
+    return load_weights(module, load_file(path), source=str(path))
+
+
+class Stage:
+    name = ""
+
+    @property
+    def salt(self) -> int:
+        """Distinguishes the stages' random streams and data."""
+        return STAGES.index(self.name) if self.name in STAGES else len(STAGES)
+
+    def __init__(self, recipe: Recipe, out: Path, env: Dist) -> None:
+        self.recipe, self.out, self.env = recipe, Path(out), env
+        self.dir = self.out / self.name
+        self.codec = world_codec(recipe)
+        self.schedule = FlowMatchSchedule()
+        self.generator = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * env.rank)
+        self.history: list[dict[str, float]] = []
+        self.models: dict[str, nn.Module] = {}  # checkpointed, sharded
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}  # keyed like their model
+        self.ema: EMA | None = None
+        self.setup()
+
+    # --- to implement
+    total_steps = 0
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def outputs(self) -> dict[str, dict[str, Tensor]]:
+        """Full weights the next stages load, by file name (collective)."""
+        raise NotImplementedError
+
+    # --- shared machinery
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    def frozen_text(self) -> ByteTextEncoder:
+        text = ByteTextEncoder(self.recipe.text)
+        load_module(text, self.out / "teacher" / "final" / "text.safetensors")
+        return text.to(self.device).eval().requires_grad_(False)
+
+    def frozen_teacher(self) -> WanModel:
+        teacher = load_module(WanModel(self.recipe.model), self.out / "teacher" / "final" / "teacher.safetensors")
+        return teacher.to(self.device).eval().requires_grad_(False)
+
+    def encode(self, text: ByteTextEncoder, prompts: list[str]) -> Tensor:
+        return text(text.tokenize(prompts).to(self.device))
+
+    def world_batch(self, step: int, batch: int, frames: int) -> tuple[Tensor, list[str]]:
+        seeds = data_seeds(step, self.env.rank, self.env.world_size, batch, self.salt)
+        video, prompts = render_batch(seeds, frames, self.recipe.frame_size, start=int(seeds[0] % 97))
+        return self.codec.encode(video).to(self.device), prompts
+
+    def chunk_shape(self, batch: int) -> tuple[int, ...]:
+        s = self.recipe.latent_size
+        return (batch, self.recipe.model.in_channels, self.recipe.frames_per_chunk, s, s)
+
+    def new_cache(self, model: WanModel, batch: int, ctx: Tensor) -> RingKVCache:
+        tokens = (self.recipe.latent_size // model.cfg.patch_size[1]) ** 2
+        cache = RingKVCache(
+            model.cfg, batch_size=batch, frame_tokens=tokens, window=self.recipe.window, device=self.device
+        )
+        with torch.no_grad():
+            cache.set_text(model.text_kv(ctx))
+        return cache
+
+    def save(self, step: int) -> None:
+        weights = {name: full_state_dict(m) for name, m in self.models.items()}
+        if self.ema is not None:
+            weights["ema"] = self.ema.full_state_dict()
+        state = {
+            "step": step,
+            "history": self.history,
+            "optimizers": {k: optimizer_state(self.models[k], o) for k, o in self.optimizers.items()},
+            "generators": _gather(self.generator.get_state(), self.env),
+            "recipe": asdict(self.recipe),
+        }
+        save_checkpoint(self.dir / "ckpt", step, weights, state, self.env)
+        _barrier(self.env)
+
+    def resume(self) -> int:
+        names = list(self.models) + (["ema"] if self.ema is not None else [])
+        found = load_checkpoint(self.dir / "ckpt", names)
+        if found is None:
+            return 0
+        weights, state = found
+        if state["recipe"] != asdict(self.recipe):
+            from sfpp.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{self.dir / 'ckpt'} was written by a different recipe; use another --out")
+        for name, model in self.models.items():
+            load_full_state_dict(model, weights[name], source=f"{self.dir / 'ckpt'} [{name}]")
+        for name, optim in self.optimizers.items():
+            load_optimizer_state(self.models[name], optim, state["optimizers"][name])
+        if self.ema is not None:
+            self.ema.load_full(weights["ema"])
+        self.generator.set_state(state["generators"][self.env.rank])
+        self.history = state["history"]
+        info(self.env, f"[{self.name}] resumed at step {state['step']}")
+        return state["step"]
+
+    def run(self, stop_after: int | None = None) -> list[dict[str, float]]:
+        """Train to the end (or, to simulate a crash in tests, stop after `stop_after` steps)."""
+        done_marker = self.dir / "final" / "DONE"
+        if done_marker.is_file():
+            info(self.env, f"[{self.name}] already done: {done_marker.parent}")
+            return json.loads((self.dir / "final" / "metrics.json").read_text())["history"]
+        start = self.resume()
+        logger = Logger(self.env, self.name, self.total_steps, start, self.recipe.log_every)
+        for step in range(start, self.total_steps):
+            losses = self.step(step)
+            self.history.append(losses)
+            logger.log(step, losses)
+            if (step + 1) % self.recipe.ckpt_every == 0 or step + 1 == self.total_steps:
+                self.save(step + 1)
+            if stop_after is not None and step + 1 >= stop_after:
+                logger.close()
+                return self.history
+        logger.close()
+        self.finish()
+        return self.history
+
+    def finish(self) -> None:
+        from safetensors.torch import save_file
+
+        outputs = self.outputs()
+        checksums = _gather({name: weights_checksum(m) for name, m in self.models.items()}, self.env)
+        if self.env.is_main:
+            if any(c != checksums[0] for c in checksums):
+                raise RuntimeError(f"[{self.name}] ranks disagree on the weights: {checksums}")
+            final = self.dir / "final"
+            final.mkdir(parents=True, exist_ok=True)
+            for file, sd in outputs.items():
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(final / f"{file}.safetensors"))
+            write_json(final / "metrics.json", {"history": self.history, "rank_checksums": checksums}, self.env)
+            (final / "DONE").write_text("ok\n")
+        _barrier(self.env)
+        info(self.env, f"[{self.name}] done -> {self.dir / 'final'}")
+
+
+def _gather(obj, env: Dist) -> list:
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(env: Dist) -> None:
+    if env.world_size > 1:
+        torch.distributed.barrier()
+
+
+def _adamw(params, lr: float, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+class TeacherStage(Stage):
+    """Flow matching: v = noise - x0 at sigma ~ shift(U(0, 1)); prompts dropped to "" for CFG."""
+
+    name = "teacher"
+
+    def setup(self) -> None:
+        cfg = self.recipe.teacher
+        self.total_steps = cfg.steps
+        torch.manual_seed(self.recipe.seed)
+        dit = shard(WanModel(self.recipe.model).to(self.device), self.env)
+        text = shard(ByteTextEncoder(self.recipe.text).to(self.device), self.env)
+        self.models = {"teacher": dit, "text": text}
+        self.optimizers = {"teacher": _adamw(dit.parameters(), cfg.lr), "text": _adamw(text.parameters(), cfg.lr)}
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.recipe.teacher
+        z, prompts = self.world_batch(step, cfg.batch_size, self.recipe.horizon)
+        drop = torch.rand(len(prompts), generator=self.generator) < cfg.cond_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+        sigma = R.sample_sigma(len(prompts), self.generator, 0.0, 1.0, cfg.train_shift)
+        x_t, noise = R.noisy(z, sigma, self.generator)
+        flow = self.models["teacher"](x_t, (1000 * sigma).to(self.device), self.encode(self.models["text"], prompts))
+        loss = F.mse_loss(flow, noise - z)
+        lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for optim in self.optimizers.values():
+            for group in optim.param_groups:
+                group["lr"] = cfg.lr * lr_scale
+            optim.zero_grad(set_to_none=True)
+        loss.backward()
+        for optim in self.optimizers.values():
+            optim.step()
+        return {"loss": loss.item()}
+
+    def outputs(self) -> dict[str, dict[str, Tensor]]:
+        return {"teacher": full_state_dict(self.models["teacher"]), "text": full_state_dict(self.models["text"])}
+
+
+class ODEStage(Stage):
+    """Sample teacher ODE trajectories, then regress the block-causal student onto them (eq. 4)."""
+
+    name = "ode"
+
+    def setup(self) -> None:
+        cfg = self.recipe.ode
+        self.total_steps = cfg.steps
+        self.text = self.frozen_text()
+        teacher = self.frozen_teacher()
+        self.trajectories = self._trajectories(teacher)
+        student = WanModel(self.recipe.model)
+        student.load_state_dict(teacher.state_dict())  # the student starts as the teacher, made causal
+        self.models = {"student": shard(student.to(self.device), self.env)}
+        self.optimizers = {"student": _adamw(self.models["student"].parameters(), cfg.lr)}
+
+    @torch.no_grad()
+    def _trajectories(self, teacher: WanModel) -> dict:
+        """This rank's share of the trajectories, cached on disk (deterministic from the recipe)."""
+        cfg, env = self.recipe.ode, self.env
+        path = self.dir / f"trajectories_rank{env.rank}_of{env.world_size}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=False)
+        count = math.ceil(cfg.trajectories / env.world_size)
+        gen = torch.Generator().manual_seed(self.recipe.seed + 31 * env.rank)
+        states, targets, prompts = [], [], []
+        batch = max(1, min(32, count))
+        for i in range(0, count, batch):
+            n = min(batch, count - i)
+            p = world_prompts(data_seeds(i, env.rank, env.world_size, n, 99))
+            shape = (n, *self.chunk_shape(1)[1:2], self.recipe.horizon, *self.chunk_shape(1)[3:])
+            noise = R.randn(shape, gen, self.device)
+            ctx, unc = self.encode(self.text, p), self.encode(self.text, [""] * n)
+            x0, xs = R.teacher_ode(
+                teacher, noise, ctx, unc, guidance=cfg.guidance, steps=cfg.euler_steps, shift=self.schedule.shift
+            )
+            states.append(xs.cpu())
+            targets.append(x0.cpu())
+            prompts += p
+        data = {"states": torch.cat(states), "x0": torch.cat(targets), "prompts": prompts}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        torch.save(data, path)
+        return data
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, rc = self.recipe.ode, self.recipe
+        data = self.trajectories
+        idx = torch.randint(len(data["prompts"]), (cfg.batch_size,), generator=self.generator)
+        chunks = math.ceil(rc.horizon / rc.frames_per_chunk)
+        which = torch.randint(4, (cfg.batch_size, chunks), generator=self.generator)  # a timestep per chunk
+        which = which.repeat_interleave(rc.frames_per_chunk, 1)[:, : rc.horizon]  # [B, F]
+        states = data["states"][idx]  # [B, 4, C, F, h, w]
+        frames = torch.arange(rc.horizon)
+        x = states[torch.arange(len(idx))[:, None], which, :, frames[None, :]]  # [B, F, C, h, w]
+        x = x.permute(0, 2, 1, 3, 4).to(self.device)
+        sigma = torch.tensor(self.schedule.sigmas, device=self.device)[which.to(self.device)]  # [B, F]
+        ctx = self.encode(self.text, [data["prompts"][i] for i in idx.tolist()])
+        flow = self.models["student"](x, 1000 * sigma, ctx, frames_per_chunk=rc.frames_per_chunk, window=rc.window)
+        x0 = flow_to_x0(x, flow, sigma[:, None, :, None, None])
+        loss = F.mse_loss(x0, data["x0"][idx].to(self.device))
+        self.optimizers["student"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers["student"].step()
+        return {"loss": loss.item()}
+
+    def outputs(self) -> dict[str, dict[str, Tensor]]:
+        return {"student": full_state_dict(self.models["student"])}
+
+
+class DMDStage(Stage):
+    """Self-Forcing (rollout_frames == horizon) and Self-Forcing++ (rollout_frames >> horizon, a random window)."""
+
+    name = "dmd"
+
+    @property
+    def cfg(self) -> DMDConfig:
+        return self.recipe.self_forcing
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.rollout_frames < self.recipe.horizon:
+            raise ValueError(f"rollout_frames ({cfg.rollout_frames}) must be >= the horizon ({self.recipe.horizon})")
+        self.total_steps = cfg.steps * cfg.critic_per_gen
+        self.text = self.frozen_text()
+        self.teacher = self.frozen_teacher()
+        generator = load_module(WanModel(self.recipe.model), self.out / "ode" / "final" / "student.safetensors")
+        critic = WanModel(self.recipe.model)
+        critic.load_state_dict(self.teacher.state_dict())  # the fake score starts as the real one
+        self.models = {
+            "generator": shard(generator.to(self.device), self.env, ("forward_chunk", "text_kv")),
+            "critic": shard(critic.to(self.device), self.env),
+        }
+        betas = (0.0, 0.999)  # as in the paper
+        self.optimizers = {
+            "generator": _adamw(self.models["generator"].parameters(), cfg.gen_lr, betas),
+            "critic": _adamw(self.models["critic"].parameters(), cfg.critic_lr, betas),
+        }
+        self.ema = EMA(self.models["generator"], cfg.ema_decay)
+
+    def window_start(self) -> int:
+        """Chunk-aligned start of the K-frame window in an N-frame rollout: uniform (the paper) or Beta(1, 2)."""
+        cfg, fpc = self.cfg, self.recipe.frames_per_chunk
+        starts = (cfg.rollout_frames - self.recipe.horizon) // fpc + 1
+        if cfg.window_sampling == "uniform":
+            return fpc * int(torch.randint(starts, (1,), generator=self.generator))
+        if cfg.window_sampling == "beta":
+            u = torch.rand(2, generator=self.generator)  # Beta(1, 2) is the minimum of two uniforms
+            return fpc * min(int(u.min() * starts), starts - 1)
+        raise ValueError(f"window_sampling must be 'uniform' or 'beta', got {cfg.window_sampling!r}")
+
+    def rollout_window(self, prompts: list[str], grad: bool) -> tuple[Tensor, Tensor]:
+        gen_model, rc = self.models["generator"], self.recipe
+        ctx = self.encode(self.text, prompts)
+        start = self.window_start()
+        cache = self.new_cache(gen_model, len(prompts), ctx)
+        with torch.set_grad_enabled(grad):
+            window = R.student_rollout(
+                gen_model,
+                cache,
+                self.chunk_shape(len(prompts)),
+                start + rc.horizon,
+                self.schedule,
+                self.generator,
+                grad_from=start,
+            )
+        return window[:, :, : rc.horizon], ctx
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        prompts = world_prompts(data_seeds(step, self.env.rank, self.env.world_size, cfg.batch_size, 5))
+        uncond = self.encode(self.text, [""] * len(prompts))
+        sigma = R.sample_sigma(len(prompts), self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
+        losses = {}
+        if step % cfg.critic_per_gen == 0:  # generator update
+            x0, ctx = self.rollout_window(prompts, grad=True)
+            loss = R.dmd_loss(x0, self.teacher, self.models["critic"], ctx, uncond, sigma, self.generator, cfg.guidance)
+            self.optimizers["generator"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["generator"].step()
+            gen_step = step // cfg.critic_per_gen
+            self.ema.update(self.models["generator"], 0.0 if gen_step < cfg.ema_start else None)
+            losses["dmd"] = loss.item()
+        x0, ctx = self.rollout_window(prompts, grad=False)
+        sigma = R.sample_sigma(len(prompts), self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
+        loss = R.critic_loss(self.models["critic"], x0, ctx, sigma, self.generator)
+        self.optimizers["critic"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers["critic"].step()
+        losses["critic"] = loss.item()
+        return losses
+
+    def outputs(self) -> dict[str, dict[str, Tensor]]:
+        return {"generator": full_state_dict(self.models["generator"]), "ema": self.ema.full_state_dict()}
+
+
+class ExtendedDMDStage(DMDStage):
+    name = "extended"
+
+    @property
+    def cfg(self) -> DMDConfig:
+        return self.recipe.extended
+
+
+class GRPOStage(Stage):
+    """Groups of rollouts per prompt, rewarded for smooth optical flow; clipped policy-ratio objective (eq. 5-7)."""
+
+    name = "grpo"
+
+    def setup(self) -> None:
+        cfg = self.recipe.grpo
+        self.total_steps = cfg.steps
+        self.text = self.frozen_text()
+        policy = load_module(WanModel(self.recipe.model), self.out / "extended" / "final" / "ema.safetensors")
+        self.models = {"policy": shard(policy.to(self.device), self.env, ("forward_chunk", "text_kv"))}
+        self.optimizers = {"policy": _adamw(self.models["policy"].parameters(), cfg.lr)}
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, policy = self.recipe.grpo, self.models["policy"]
+        prompts = world_prompts(data_seeds(step, self.env.rank, self.env.world_size, cfg.prompts_per_step, 6))
+        prompts = [p for p in prompts for _ in range(cfg.group_size)]  # [P * G]
+        ctx = self.encode(self.text, prompts)
+        cache = self.new_cache(policy, len(prompts), ctx)
+        record = R.policy_rollout(
+            policy, cache, self.chunk_shape(len(prompts)), cfg.rollout_frames, self.schedule, self.generator
+        )
+        frames = self.codec.decode_frames(torch.cat([c["x0"] for c in record], 2)).cpu().numpy()
+        rewards = torch.tensor([smoothness_reward(f, cfg.flow_floor) for f in frames])
+        groups = rewards.view(-1, cfg.group_size)
+        advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
+        advantages = advantages.to(self.device)
+        total = 0.0
+        for _ in range(cfg.inner_epochs):
+            self.optimizers["policy"].zero_grad(set_to_none=True)
+            cache.reset()
+            with torch.no_grad():
+                cache.set_text(policy.text_kv(ctx))
+            for chunk in record:  # backward per chunk: the cache holds no graph across chunks
+                ratio = torch.exp(R.replay_logp(policy, cache, chunk, self.schedule) - chunk["logp"])  # [B, T-1]
+                adv = advantages[:, None]
+                objective = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+                loss = -objective.mean() / len(record)
+                loss.backward()
+                total += loss.item()
+            self.optimizers["policy"].step()
+        return {"reward": float(rewards.mean()), "loss": total / cfg.inner_epochs}
+
+    def outputs(self) -> dict[str, dict[str, Tensor]]:
+        return {"policy": full_state_dict(self.models["policy"])}
+
+
+STAGE_CLASSES = {
+    "teacher": TeacherStage,
+    "ode": ODEStage,
+    "dmd": DMDStage,
+    "extended": ExtendedDMDStage,
+    "grpo": GRPOStage,
+}
+
+
+def run_stage(name: str, recipe: Recipe, out: Path, env: Dist, stop_after: int | None = None) -> list[dict]:
+    if name not in STAGE_CLASSES:
+        raise ValueError(f"unknown stage {name!r}; choose from {list(STAGE_CLASSES)}")
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    return STAGE_CLASSES[name](recipe, out, env).run(stop_after=stop_after)
