@@ -2,9 +2,12 @@
 
 from sfpp.cache import RingKVCache
 from sfpp.model import CONFIGS, WanConfig, WanModel, get_config
-from sfpp.pipeline import Pipeline, PipelineOutput, StreamSettings
+from sfpp.pipeline import DECODERS, Pipeline, PipelineOutput, StreamSettings
 from sfpp.sampler import FlowMatchSchedule
+from sfpp.toy import PixelShuffleCodec
 from sfpp.video import export_to_video
+
+DECODERS["pixel-shuffle"] = PixelShuffleCodec
 
 __all__ = [
     "CONFIGS",
