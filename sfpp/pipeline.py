@@ -83,9 +83,11 @@ class Pipeline:
         cuda_graph: bool = False,
         compile: bool = False,
         compile_options: dict | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """`cuda_graph`: capture each chunk's work once and replay it (CUDA only; eager elsewhere). `compile`:
-        `torch.compile` the chunk (with `compile_options`); both together replay compiled kernels."""
+        `torch.compile` the chunk (with `compile_options`); both together replay compiled kernels. `kv_dtype`:
+        the self-attention KV cache's dtype (default: the DiT's; `torch.float8_e4m3fn` halves it)."""
         if text_encoder.text_dim != transformer.cfg.text_dim:
             raise ValueError(
                 f"text encoder dim {text_encoder.text_dim} != transformer text_dim {transformer.cfg.text_dim}"
@@ -106,6 +108,7 @@ class Pipeline:
                 f"{transformer.cfg.text_len}"
             )
         self.runner_options = {"cuda_graph": cuda_graph, "compile": compile, "compile_options": compile_options}
+        self.kv_dtype = kv_dtype
         self._cache: RingKVCache | None = None
         self._cache_key: tuple | None = None
         self._runner: ChunkRunner | None = None
@@ -267,8 +270,9 @@ class Pipeline:
     def _cache_for(self, batch_size: int, frame_tokens: int) -> RingKVCache:
         """The KV cache, reset for a new video; reallocated only when its shape, device or dtype changes."""
         model, s = self.transformer, self.settings
-        key = (batch_size, frame_tokens, s.window, s.sink, model.dtype, self.device)
+        key = (batch_size, frame_tokens, s.window, s.sink, model.dtype, self.kv_dtype, self.device)
         if self._cache_key != key:
+            kv = {} if self.kv_dtype is None else {"kv_dtype": self.kv_dtype}
             self._cache = RingKVCache(
                 model.cfg,
                 batch_size=batch_size,
@@ -277,6 +281,7 @@ class Pipeline:
                 sink=s.sink,
                 dtype=model.dtype,
                 device=self.device,
+                **kv,
             )
             self._cache_key = key
         self._cache.reset()
@@ -294,11 +299,18 @@ class Pipeline:
         """Rough device bytes one generation needs: DiT weights, KV cache, peak activations of a chunk."""
         cfg, s = self.transformer.cfg, self.settings
         elt = torch.finfo(self.transformer.dtype).bits // 8
+        kv_elt = torch.finfo(self.kv_dtype or self.transformer.dtype).bits // 8  # fp8 scales left out
         frame_tokens = (height // self.decoder.spatial_factor // cfg.patch_size[1]) * (
             width // self.decoder.spatial_factor // cfg.patch_size[2]
         )
         tokens = batch_size * s.frames_per_chunk * frame_tokens
-        kv = 2 * cfg.num_layers * batch_size * cfg.dim * elt * ((s.sink + s.window) * frame_tokens + cfg.text_len)
+        kv = (
+            2
+            * cfg.num_layers
+            * batch_size
+            * cfg.dim
+            * ((s.sink + s.window) * frame_tokens * kv_elt + cfg.text_len * elt)
+        )
         dit_act = tokens * (cfg.ffn_dim * elt + 8 * cfg.dim * 4)  # FFN hidden + fp32 residual/modulation
         video_frames = s.frames_per_chunk * self.decoder.temporal_factor
         base = getattr(getattr(self.decoder, "cfg", None), "base_dim", 1)
