@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._fp8 import to_e4m3
+from kernels._cast import cast, to_e4m3
 from sfpp.attention import ring_attention_ref
 
 __all__ = ["ring_attention", "ring_attention_ref"]
@@ -102,13 +102,13 @@ def _ring_attention_kernel(
                 p8 = to_e4m3(p * (vs * (FP8_MAX / vs_max))[None, :], INTERPRET)
                 acc += tl.dot(p8, v) * (vs_max / FP8_MAX)
             else:
-                acc += _dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), PRECISION, INTERPRET)
+                acc += _dot(cast(p * vs[None, :], q.dtype, INTERPRET), v.to(q.dtype), PRECISION, INTERPRET)
         else:
-            acc += _dot(p.to(v.dtype), v, PRECISION, INTERPRET)
+            acc += _dot(cast(p, v.dtype, INTERPRET), v, PRECISION, INTERPRET)
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_ok)
+    out = cast(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out, mask=q_ok)
 
 
 def _config(d: int, fp8: bool, lq: int) -> tuple[int, int, int, int]:
