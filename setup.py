@@ -9,7 +9,7 @@ setup(
     package_data={"sfpp": ["assets/**/*"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av"],
     extras_require={
-        "test": ["pytest", "diffusers>=0.35", "transformers", "ruff"],
+        "test": ["pytest", "diffusers>=0.35", "transformers", "ruff", "pytest-benchmark", "tokenizers"],
         "gpu": ["triton"],
     },
     entry_points={"console_scripts": ["sfpp=sfpp.cli:main"]},

@@ -44,7 +44,26 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--window", type=int, help="KV-cache window in latent frames (default: the model's)")
     gen.add_argument("--sink", type=int, help="latent frames kept as attention sinks (default: the model's)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark streaming FPS, latency and memory against Self-Forcing's inference path",
+        description="Run the benchmark suite (bench/e2e.py); `sfpp bench --help` lists its options.",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def bench(bench_args: list[str]) -> int:
+    try:
+        from bench import e2e
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"the benchmark suite lives in the repository's bench/ folder: run `sfpp bench` from the repository "
+            f"root ({exc})"
+        ) from exc
+    e2e.main(bench_args)
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Pipeline:
@@ -86,11 +105,15 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `sfpp bench ...` hands every option to the suite's own parser (so `sfpp bench --help` shows them).
+    args = argparse.Namespace(command="bench") if argv[:1] == ["bench"] else _parser().parse_args(argv)
     try:
         if args.command == "generate":
             return generate(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if args.command == "bench":
+            return bench(argv[1:])
+    except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError) as exc:
         print(f"sfpp: error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -1,0 +1,299 @@
+"""The sfpp benchmark suite: streaming FPS, first-chunk latency, peak memory and time per chunk over long videos,
+for sfpp's variants and Self-Forcing's inference path, in one run on one device.
+
+    sfpp bench                                   # on a GPU: wan2.1-1.3b, 832x480, 4 steps, chunks of 3, window 21
+    sfpp bench --config tiny --height 64 --width 64 --vae-base-dim 8 --chunks 2 --long-frames 12   # CPU smoke
+
+Random weights (the time of a step does not depend on their values; nothing to download). The text encoder is not
+on the device: the prompt embedding is made once beforehand, as the offloaded umT5 leaves it. Per variant:
+- a warm-up video (fills the ring; compiles or captures the CUDA graph), then a timed video from a reset cache;
+- first-chunk latency: the timed video's first chunk, noise to uint8 pixels on the device, DiT + VAE;
+- steady state (medians over the chunks after the ring has filled): DiT time, VAE streaming-decode time, FPS;
+- time per chunk against chunk index, out to --long-frames latent frames for the --long variants (flat: the ring
+  never grows); peak GPU memory (torch.cuda.max_memory_allocated) over the variant.
+Variants: sfpp in each --modes x --kv-dtypes, and "baseline" (bench/baseline.py: Self-Forcing's path, its cache
+rolled by copying, Wan-style VAE decoding one latent frame per call). Writes a table and bench/results/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.baseline import SelfForcingBaseline
+from bench.common import save
+from sfpp.cache import RingKVCache
+from sfpp.graph import ChunkRunner, nvtx_range
+from sfpp.model import CONFIGS, WanModel, get_config
+from sfpp.pipeline import DTYPES
+from sfpp.sampler import FlowMatchSchedule
+from sfpp.vae import WanVAE, WanVAEConfig
+
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+MODES = {
+    "eager": {},
+    "compile": {"compile": True},
+    "graph": {"cuda_graph": True},
+    "compile+graph": {"compile": True, "cuda_graph": True},
+}
+TARGETS = {"e2e_fps": 30.0, "dit_fps": 45.0, "first_chunk_s": 0.5, "peak_gib": 10.0, "speedup": 2.0}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="sfpp bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default="wan2.1-1.3b", choices=sorted(CONFIGS))
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--frames-per-chunk", type=int, default=3)
+    p.add_argument("--window", type=int, default=21)
+    p.add_argument("--steps", default="1000,750,500,250", help="denoising steps (default: Self-Forcing's 4)")
+    p.add_argument("--chunks", type=int, default=20, help="timed chunks after the ring has filled")
+    p.add_argument("--long-frames", type=int, default=1000, help="latent frames of the long run (time vs chunk)")
+    p.add_argument("--long", default="first,baseline", help="variants given the long run ('first': the first one)")
+    p.add_argument("--modes", default="graph,compile+graph,compile,eager", help=f"of {sorted(MODES)}")
+    p.add_argument("--kv-dtypes", default="bf16,fp8", help=f"KV cache dtypes, of {sorted(KV_DTYPES)}")
+    p.add_argument("--no-baseline", action="store_true", help="skip Self-Forcing's path")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="DiT/VAE dtype (bfloat16 on GPU)")
+    p.add_argument("--vae-base-dim", type=int, default=96, help="VAE width (96 is Wan2.1's)")
+    p.add_argument("--attention", default="torch", help="ring attention backend (torch, or a registered kernel)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="also write a torch.profiler table of the first variant")
+    p.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")
+    args = p.parse_args(argv)
+    args.modes = args.modes.split(",")
+    args.kv_dtypes = args.kv_dtypes.split(",")
+    for m in args.modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}; choose from {sorted(MODES)}")
+    for k in args.kv_dtypes:
+        if k not in KV_DTYPES:
+            p.error(f"unknown KV dtype {k!r}; choose from {sorted(KV_DTYPES)}")
+    if args.height % 16 or args.width % 16:
+        p.error(f"height and width must be multiples of 16, got {args.height}x{args.width}")
+    return args
+
+
+class Harness:
+    """The model, VAE and prompt embedding shared by every variant, and the timing loop."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.device = args, torch.device(args.device)
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype, self.cfg = dtype, get_config(args.config)
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            self.model = WanModel(self.cfg).to(dtype).eval()
+            self.vae = WanVAE(WanVAEConfig(base_dim=args.vae_base_dim)).to(dtype).eval()
+        self.h, self.w = args.height // 8, args.width // 8
+        self.frame_tokens = (self.h // 2) * (self.w // 2)
+        self.shape = (1, self.cfg.in_channels, args.frames_per_chunk, self.h, self.w)
+        self.context = torch.randn(1, self.cfg.text_len, self.cfg.text_dim, device=self.device, dtype=dtype)
+        self.schedule = FlowMatchSchedule(denoising_steps=tuple(int(s) for s in args.steps.split(",")))
+        self.fill = math.ceil(args.window / args.frames_per_chunk)  # chunks until the ring is full
+        self.video_frames = args.frames_per_chunk * self.vae.temporal_factor  # per chunk, in steady state
+        self.num_noises = len(self.schedule.denoising_steps) + (self.schedule.context_noise > 0)  # as ChunkRunner
+
+    def noise(self, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn((self.num_noises, *self.shape), generator=gen, device=self.device, dtype=torch.float32)
+
+    def video(self, step, decoder, num_chunks: int, gen: torch.Generator) -> tuple[list[float], list[float]]:
+        """Run one video chunk by chunk; per-chunk seconds of the DiT and of the streaming decode."""
+        dit, dec = [], []
+        for _ in range(num_chunks):
+            sync(self.device)
+            t0 = time.perf_counter()
+            latents = step(self.noise(gen))
+            sync(self.device)
+            t1 = time.perf_counter()
+            with nvtx_range("decode"):
+                frames = decoder.decode(latents)
+            sync(self.device)
+            dit.append(t1 - t0)
+            dec.append(time.perf_counter() - t1)
+            del frames
+        return dit, dec
+
+    def run(self, name: str, new_video, frames_per_call: int | None, long: bool) -> dict:
+        """`new_video()` -> a chunk step for a fresh video (the variant's cache reset or rebuilt)."""
+        dev, args = self.device, self.args
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        gen = torch.Generator(dev).manual_seed(0)
+        self.video(new_video(), self.vae.stream(frames_per_call=frames_per_call), self.fill + 2, gen)  # warm-up
+        total = math.ceil(args.long_frames / args.frames_per_chunk) if long else self.fill + args.chunks
+        total = max(total, self.fill + 1)
+        dit, dec = self.video(new_video(), self.vae.stream(frames_per_call=frames_per_call), total, gen)
+        steady_dit, steady_dec = statistics.median(dit[self.fill :]), statistics.median(dec[self.fill :])
+        tail = dit[-max(1, len(dit) // 10) :]
+        return {
+            "variant": name,
+            "first_chunk_s": dit[0] + dec[0],
+            "dit_chunk_ms": 1e3 * steady_dit,
+            "decode_chunk_ms": 1e3 * steady_dec,
+            "dit_fps": self.video_frames / steady_dit,
+            "e2e_fps": self.video_frames / (steady_dit + steady_dec),
+            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "latent_frames": total * args.frames_per_chunk,
+            # Flatness: late chunks against the first chunks after the ring filled (1.0 = flat).
+            "late_over_early": statistics.median(tail) / statistics.median(dit[self.fill : self.fill + len(tail)]),
+            "dit_ms_per_chunk": [round(1e3 * t, 3) for t in dit],
+            "decode_ms_per_chunk": [round(1e3 * t, 3) for t in dec],
+        }
+
+    # --- the variants
+
+    def sfpp(self, mode: str, kv: str, long: bool) -> dict:
+        kv_dtype = KV_DTYPES[kv]
+        cache = RingKVCache(
+            self.cfg,
+            batch_size=1,
+            frame_tokens=self.frame_tokens,
+            window=self.args.window,
+            dtype=self.dtype,
+            device=self.device,
+            **({"kv_dtype": kv_dtype} if kv_dtype != self.dtype else {}),
+        )
+        text_kv = self.model.text_kv(self.context)
+        runner = ChunkRunner(self.model, cache, self.schedule, **MODES[mode])
+
+        def new_video():
+            cache.reset()
+            cache.set_text(text_kv)  # a captured graph stays valid: the cache is reset in place
+            return runner
+
+        result = self.run(f"{mode}-{kv}", new_video, None, long)
+        result["kv_cache_mib"] = cache.nbytes / 2**20
+        result["graph_replays"] = runner.replays
+        return result
+
+    def baseline(self, long: bool) -> dict:
+        holder = {}
+
+        def new_video():
+            holder.pop("b", None)
+            gc.collect()
+            b = SelfForcingBaseline(
+                self.model, self.schedule, batch_size=1, frame_tokens=self.frame_tokens, window=self.args.window
+            )
+            b.set_text(self.context)
+            holder["b"] = b
+            return b
+
+        result = self.run("baseline", new_video, 1, long)  # Wan's VAE decodes one latent frame per call
+        result["kv_cache_mib"] = holder["b"].nbytes / 2**20
+        return result
+
+
+def profile(h: Harness, mode: str, kv: str, out_dir: Path) -> Path:
+    """torch.profiler over a few steady-state chunks of one variant: where the chunk time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cache = RingKVCache(
+        h.cfg, batch_size=1, frame_tokens=h.frame_tokens, window=h.args.window, dtype=h.dtype, device=h.device,
+        **({"kv_dtype": KV_DTYPES[kv]} if KV_DTYPES[kv] != h.dtype else {}),
+    )  # fmt: skip
+    cache.set_text(h.model.text_kv(h.context))
+    runner = ChunkRunner(h.model, cache, h.schedule, **MODES[mode])
+    gen = torch.Generator(h.device).manual_seed(0)
+    decoder = h.vae.stream()
+    h.video(runner, decoder, h.fill + 1, gen)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if h.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        h.video(runner, decoder, 3, gen)
+    sort = "cuda_time_total" if h.device.type == "cuda" else "cpu_time_total"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"profile-{mode}-{kv}-{h.device.type}.txt"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+    prof.export_chrome_trace(str(path.with_suffix(".json")))
+    return path
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| variant | DiT FPS | e2e FPS | first chunk s | DiT ms/chunk | VAE ms/chunk | peak GiB | KV MiB | late/early |"
+    )
+    rows = [head, "|" + "---|" * 9]
+    for r in results:
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        rows.append(
+            f"| {r['variant']} | {r['dit_fps']:.2f} | {r['e2e_fps']:.2f} | {r['first_chunk_s']:.3f} | "
+            f"{r['dit_chunk_ms']:.1f} | {r['decode_chunk_ms']:.1f} | {peak} | {r['kv_cache_mib']:.0f} | "
+            f"{r['late_over_early']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if args.attention != "torch":
+        import importlib.util
+
+        from sfpp.attention import set_backend
+
+        if importlib.util.find_spec("sfpp.ops"):
+            import sfpp.ops  # noqa: F401  (registers the kernel backends)
+        set_backend(args.attention)
+    h = Harness(args)
+    variants = [(m, k) for k in args.kv_dtypes for m in args.modes]
+    long = set(args.long.split(","))
+    results = []
+    for i, (mode, kv) in enumerate(variants):
+        name = f"{mode}-{kv}"
+        results.append(h.sfpp(mode, kv, long=name in long or ("first" in long and i == 0)))
+        print(f"  {name}: DiT {results[-1]['dit_fps']:.2f} fps, e2e {results[-1]['e2e_fps']:.2f} fps", flush=True)
+    summary = {}
+    if not args.no_baseline:
+        results.append(h.baseline(long="baseline" in long))
+        base = results[-1]
+        best = max(results[:-1], key=lambda r: r["e2e_fps"])
+        summary = {
+            "best_variant": best["variant"],
+            "e2e_speedup_vs_baseline": best["e2e_fps"] / base["e2e_fps"],
+            "dit_speedup_vs_baseline": max(r["dit_fps"] for r in results[:-1]) / base["dit_fps"],
+        }
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    record = {
+        "config": args.config,
+        "resolution": f"{args.width}x{args.height}",
+        "dtype": str(h.dtype).replace("torch.", ""),
+        "denoising_steps": list(h.schedule.denoising_steps),
+        "frames_per_chunk": args.frames_per_chunk,
+        "window": args.window,
+        "attention": args.attention,
+        "video_frames_per_chunk": h.video_frames,
+        "text_encoder": "offloaded (prompt embedding precomputed, not on the device)",
+        "targets": TARGETS,
+        "summary": summary,
+        "results": results,
+    }
+    if args.profile and variants:
+        record["profile"] = str(profile(h, *variants[0], out_dir or Path(__file__).parent / "results"))
+    path = save("e2e", h.device, record, out_dir=out_dir)
+    print(table(results))
+    if summary:
+        print(
+            f"best {summary['best_variant']}: {summary['e2e_speedup_vs_baseline']:.2f}x the baseline end to end, "
+            f"{summary['dit_speedup_vs_baseline']:.2f}x DiT alone"
+        )
+    print(f"-> {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The benchmark suite: the Self-Forcing baseline computes what sfpp computes, and `sfpp bench` runs on a CPU."""
+
+import json
+
+import pytest
+import torch
+from conftest import TEST_CONFIG, randomize_
+
+from bench.baseline import SelfForcingBaseline
+from sfpp.cache import RingKVCache
+from sfpp.graph import ChunkRunner
+from sfpp.model import WanModel
+from sfpp.sampler import FlowMatchSchedule
+
+
+@pytest.mark.parametrize("sink", [0, 1])
+@torch.no_grad()
+def test_baseline_equals_sfpp(sink):
+    """Same weights and noise: the rolled-by-copy cache and float64 RoPE give the ring cache's video, past several
+    evictions (window 4 frames, chunks of 2), so the speed comparison is like for like."""
+    torch.manual_seed(0)
+    model = randomize_(WanModel(TEST_CONFIG), scale=0.1).eval()
+    context = torch.randn(1, 7, TEST_CONFIG.text_dim)  # shorter than text_len: both pad with zeros
+    schedule = FlowMatchSchedule(context_noise=20)
+    cache = RingKVCache(TEST_CONFIG, batch_size=1, frame_tokens=6, window=4, sink=sink)
+    cache.set_text(model.text_kv(context))
+    ours = ChunkRunner(model, cache, schedule)
+    base = SelfForcingBaseline(model, schedule, batch_size=1, frame_tokens=6, window=4, sink=sink)
+    base.set_text(context)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        noises = ours.draw_noise((1, 16, 2, 4, 6), gen)
+        torch.testing.assert_close(base(noises), ours(noises), rtol=1e-4, atol=1e-4)
+
+
+def test_sfpp_bench_runs_on_cpu(tmp_path, capsys):
+    """`sfpp bench` at a tiny config: every variant timed, the baseline in the same run, JSON with provenance."""
+    from sfpp.cli import main
+
+    args = ["bench", "--config", "tiny", "--height", "32", "--width", "32", "--vae-base-dim", "8",
+            "--frames-per-chunk", "2", "--window", "4", "--chunks", "1", "--long-frames", "8",
+            "--modes", "eager,graph", "--kv-dtypes", "fp8", "--profile", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| variant | DiT FPS | e2e FPS |" in out and "x the baseline end to end" in out
+    (path,) = tmp_path.glob("e2e-cpu-*.json")
+    record = json.loads(path.read_text())
+    assert {"device", "commit", "date", "command", "torch"} <= set(record)
+    names = [r["variant"] for r in record["results"]]
+    assert names == ["eager-fp8", "graph-fp8", "baseline"]
+    for r in record["results"]:
+        assert r["dit_fps"] > 0 and r["e2e_fps"] > 0 and r["first_chunk_s"] > 0
+    first, graph, base = record["results"]
+    assert len(first["dit_ms_per_chunk"]) == len(base["dit_ms_per_chunk"]) == 4  # the long run: 8 frames
+    assert len(graph["dit_ms_per_chunk"]) == 2 + 1  # ring fill + 1 timed chunk
+    assert record["summary"]["e2e_speedup_vs_baseline"] > 0
+    assert (tmp_path / "profile-eager-fp8-cpu.txt").is_file()
+
+
+def test_bench_bad_arguments(capsys):
+    from bench.e2e import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--height", "40"])
+    assert "multiples of 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--modes", "turbo"])
+    assert "unknown mode 'turbo'" in capsys.readouterr().err
