@@ -16,73 +16,11 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._cast import cast, to_e4m3
-from sfpp.cache import quantize_fp8
+from sfpp.ops import cache_write_ref, rope_rows
 
 __all__ = ["cache_write", "cache_write_ref", "rope_rows"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def rope_rows(num_tokens: int, frame_pos: Tensor, height: int, width: int, split: tuple[int, int, int]) -> Tensor:
-    """Row of the RoPE table each (token, rotation pair) reads [L, D/2]: the frame's absolute position for the
-    t pairs, the token's row y for the h pairs, its column x for the w pairs (split in real dims, as WanConfig)."""
-    t_half, h_half, w_half = (s // 2 for s in split)
-    token = torch.arange(num_tokens, device=frame_pos.device)
-    f, y, x = token // (height * width), token // width % height, token % width
-    pair = torch.arange(t_half + h_half + w_half, device=frame_pos.device)
-    return torch.where(
-        pair < t_half, frame_pos[f][:, None], torch.where(pair < t_half + h_half, y[:, None], x[:, None])
-    )
-
-
-def _norm_rope_ref(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, heads: int, eps: float) -> Tensor:
-    """Wan's RMSNorm over the model dim, then RoPE on adjacent pairs; [B, L, dim] -> [B, L, H, D]."""
-    x32 = x.float()
-    x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-    pairs = x.unflatten(-1, (heads, -1, 2)).float()
-    c, s = cos[None, :, None], sin[None, :, None]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2).to(weight.dtype)
-
-
-def cache_write_ref(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    norm_q: Tensor,
-    norm_k: Tensor,
-    cos_table: Tensor,
-    sin_table: Tensor,
-    frame_pos: Tensor,
-    token_index: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k_scale: Tensor | None,
-    v_scale: Tensor | None,
-    height: int,
-    width: int,
-    split: tuple[int, int, int],
-    eps: float,
-) -> Tensor:
-    """q, k, v [B, L, H*D] projections of the chunk (L = Fc*height*width tokens); norm_q/norm_k [H*D] RMSNorm
-    weights; cos_table/sin_table [P, D/2] fp32 (`rope_table`); frame_pos [Fc]; token_index [L] the cache rows of
-    the chunk; k_cache/v_cache [B, S*T, H, D] (fp8 with k_scale/v_scale [B, S*T, H], or None). Writes normed,
-    roped K and V into the cache rows and returns the normed, roped q [B, L, H, D]."""
-    heads = k_cache.shape[2]
-    rows = rope_rows(q.shape[1], frame_pos, height, width, split)
-    pair = torch.arange(rows.shape[1], device=rows.device)
-    cos, sin = cos_table[rows, pair], sin_table[rows, pair]  # [L, D/2]
-    q_out = _norm_rope_ref(q, norm_q, cos, sin, heads, eps)
-    k_out = _norm_rope_ref(k, norm_k, cos, sin, heads, eps)
-    v_out = v.unflatten(-1, (heads, -1))
-    if k_scale is not None:
-        (k_out, ks), (v_out, vs) = quantize_fp8(k_out), quantize_fp8(v_out)
-        k_scale.index_copy_(1, token_index, ks)
-        v_scale.index_copy_(1, token_index, vs)
-        k_cache, v_cache, k_out, v_out = (x.view(torch.uint8) for x in (k_cache, v_cache, k_out, v_out))
-    k_cache.index_copy_(1, token_index, k_out.to(k_cache.dtype))
-    v_cache.index_copy_(1, token_index, v_out.to(v_cache.dtype))
-    return q_out
 
 
 @triton.jit

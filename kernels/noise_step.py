@@ -20,59 +20,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sfpp.ops import noise_step_ref, philox4x32_ref, philox_normal_ref
+
 __all__ = ["noise_step", "noise_step_ref", "philox4x32_ref", "philox_normal_ref"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
-    """(high, low) 32-bit words of a * b for a int64 tensor of uint32 values, without overflowing int64."""
-    p_lo, p_hi = a * (b & 0xFFFF), a * (b >> 16)  # each < 2^48
-    low = p_lo + ((p_hi & 0xFFFF) << 16)
-    return (p_hi >> 16) + (low >> 32), low & _M32
-
-
-def philox4x32_ref(counter: Tensor, seed: int) -> list[Tensor]:
-    """Philox4x32-10 of counters (c lo, c hi, 0, 0) under key (seed lo, seed hi): four uint32 words (as int64)."""
-    c = [counter & _M32, counter >> 32, torch.zeros_like(counter), torch.zeros_like(counter)]
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_b, lo_b = _mul32(c[2], 0xCD9E8D57)
-        hi_a, lo_a = _mul32(c[0], 0xD2511F53)
-        c = [hi_b ^ c[1] ^ k0, lo_b, hi_a ^ c[3] ^ k1, lo_a]
-        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
-    return c
-
-
-def philox_normal_ref(numel: int, seed: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
-    """The kernels' noise, in torch: `numel` standard normals (fp32) of stream `seed` from element `offset`."""
-    if offset % 4:
-        raise ValueError(f"the noise offset must be a multiple of 4, got {offset}")
-    counter = torch.arange(offset // 4, (offset + numel + 3) // 4, device=device, dtype=torch.int64)
-    u = [((w >> 8).float() + 0.5) * 2.0**-24 for w in philox4x32_ref(counter, seed)]
-    normals = []
-    for a, b in ((u[0], u[1]), (u[2], u[3])):
-        r, theta = torch.sqrt(-2.0 * torch.log(a)), (2 * math.pi) * b
-        normals += [r * torch.cos(theta), r * torch.sin(theta)]
-    return torch.stack(normals, -1).flatten()[:numel]
-
-
-def _per_frame(sigma: float | Tensor, x: Tensor) -> float | Tensor:
-    if not isinstance(sigma, Tensor):
-        return sigma
-    return sigma.float().expand(x.shape[0], x.shape[2])[:, None, :, None, None]
-
-
-def noise_step_ref(
-    x: Tensor, flow: Tensor | None, sigma: float | Tensor, sigma_next: float | Tensor, seed: int, offset: int = 0
-) -> tuple[Tensor, Tensor]:
-    """x [B, C, F, H, W] at noise level sigma, flow the model's v = noise - x0 (None: x is already x0).
-    Returns (x0, x_next) in fp32."""
-    x0 = x.float() if flow is None else x.float() - _per_frame(sigma, x) * flow.float()
-    noise = philox_normal_ref(x.numel(), seed, offset, x.device).view(x.shape)
-    s = _per_frame(sigma_next, x)
-    return x0, (1 - s) * x0 + s * noise
 
 
 @triton.jit

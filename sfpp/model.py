@@ -157,6 +157,28 @@ class Attention(nn.Module):
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+class FusedAttend:
+    """Self-attention of one layer over the ring cache through `sfpp.ops` kernels: the fused cache write (q/k
+    RMSNorm + RoPE from the model's tables at the chunk's frame positions + ring append), then ring attention."""
+
+    def __init__(self, model: WanModel, cache, layer: int, plan, height: int, width: int, backend: str) -> None:
+        self.model, self.cache, self.layer, self.plan = model, cache, layer, plan
+        self.height, self.width, self.backend = height, width, backend
+
+    def __call__(self, attn: Attention, h: Tensor) -> Tensor:  # h [B, L, dim] -> [B, L, H, D]
+        from sfpp import ops
+
+        cfg, cache, plan = self.model.cfg, self.cache, self.plan
+        kv = cache.layer(self.layer)
+        q = ops.cache_write(
+            attn.q(h), attn.k(h), attn.v(h), attn.norm_q.weight, attn.norm_k.weight, *self.model._rope,
+            plan.frame_pos, plan.token_index, *kv, self.height, self.width, cfg.rope_split, cfg.eps,
+            backend=self.backend,
+        )  # fmt: skip
+        tokens = self.height * self.width
+        return ops.ring_attention(q, kv.k, kv.v, cache.slot_frame, tokens, kv.k_scale, kv.v_scale, backend=self.backend)
+
+
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """Per-frame adaLN: x [B, F*L, dim] fp32, shift/scale [B, F, 1, dim]."""
     frames = shift.shape[1]
@@ -188,9 +210,12 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e).chunk(6, dim=2)
 
         h = _modulate(self.norm1(x), shift1, scale1).to(dtype)
-        q = apply_rope(self.self_attn.query(h), *rope)
-        k, v = self.self_attn.key_value(h)
-        y = attend(q, apply_rope(k, *rope), v)  # [B, F*L, H, D]
+        if isinstance(attend, FusedAttend):  # kernels: projections in, norm + RoPE + cache write + attention fused
+            y = attend(self.self_attn, h)
+        else:
+            q = apply_rope(self.self_attn.query(h), *rope)
+            k, v = self.self_attn.key_value(h)
+            y = attend(q, apply_rope(k, *rope), v)  # [B, F*L, H, D]
         x = x + _gate(self.self_attn.o(y.flatten(2)), gate1)
 
         q = self.cross_attn.query(self.norm3(x).to(dtype)).transpose(1, 2)
@@ -232,6 +257,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self._rope: tuple[Tensor, Tensor] | None = None  # fp32 cos/sin tables, built on first use per device
+        self.kernels: str | None = None  # `use_kernels`: the sfpp.ops backend of forward_chunk's self-attention
 
     @property
     def dtype(self) -> torch.dtype:
@@ -360,6 +386,16 @@ class WanModel(nn.Module):
 
     # --- one chunk of the student over the KV cache
 
+    def use_kernels(self, backend: str | None = "auto") -> WanModel:
+        """Run forward_chunk's self-attention through the fused kernels of `sfpp.ops` ("auto", "triton", "cuda",
+        "torch" for their references), or None for the plain torch path (the default). Inference only: under
+        autograd forward_chunk keeps the torch path."""
+        self.kernels = backend
+        return self
+
+    def _fused(self, cache, layer: int, plan, height: int, width: int) -> FusedAttend:
+        return FusedAttend(self, cache, layer, plan, height, width, self.kernels)
+
     def forward_chunk(self, x: Tensor, t: Tensor, cache) -> Tensor:
         """Flow for one chunk x [B, C, Fc, H, W] at frame positions cache.chunk_start + [0, Fc).
 
@@ -368,6 +404,8 @@ class WanModel(nn.Module):
         t, grid = self._check_latents(x, t)
         f, h, w = grid
         plan = cache.plan(x.shape[0], f, h * w)
+        if self.kernels is not None and self.cfg.qk_norm and not torch.is_grad_enabled():
+            return self._run(x, t, grid, plan.frame_pos, cache.text_kv, lambda i: self._fused(cache, i, plan, h, w))
 
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
