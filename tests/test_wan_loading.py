@@ -203,3 +203,15 @@ def test_vae_renaming_inverts_diffusers(parts):
     back = convert_diffusers_vae_to_wan(convert_wan_vae_to_diffusers(dict(sd)))
     assert set(back) == set(sd)
     assert all(back[k] is sd[k] for k in sd)
+
+
+def test_sfpp_directory_with_wan_parts_round_trip(wan_dir, tmp_path):
+    """save_pretrained of a Wan pipeline names its parts by type ("umt5", "wan-vae") and loads back the same."""
+    pipe = Pipeline.from_pretrained(wan_dir, settings=SETTINGS)
+    pipe.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "sfpp_pipeline.json").read_text())
+    assert meta["text_encoder"]["type"] == "umt5" and meta["decoder"]["type"] == "wan-vae"
+    again = Pipeline.from_pretrained(tmp_path / "m")
+    a = pipe("a red ball", num_frames=5, seed=2, progress=False)
+    b = again("a red ball", num_frames=5, seed=2, progress=False)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
