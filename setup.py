@@ -1,4 +1,58 @@
-from setuptools import find_packages, setup
+"""sfpp's install. The CUDA C++ ops (csrc/, built through CMakeLists.txt into sfpp/_cuda_ops) are compiled when nvcc,
+cmake and pybind11 are present and skipped with a message otherwise; SFPP_BUILD_CUDA=1 forces the build (failing
+loudly), SFPP_BUILD_CUDA=0 skips it. SFPP_CUDA_ARCHS picks the architectures (default "80;90")."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _why_no_cuda_build() -> str | None:
+    """None when the CUDA ops can be built here, else the reason."""
+    if not shutil.which("nvcc") and not os.environ.get("CUDACXX"):
+        return "nvcc not found (set CUDACXX or put nvcc on PATH)"
+    if not shutil.which("cmake"):
+        return "cmake not found"
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        return "pybind11 is not installed in the build environment"
+    return None
+
+
+def _cuda_extensions() -> list[Extension]:
+    mode = os.environ.get("SFPP_BUILD_CUDA", "auto")
+    reason = "SFPP_BUILD_CUDA=0" if mode == "0" else _why_no_cuda_build()
+    if reason is None:
+        return [Extension("sfpp._cuda_ops", sources=[])]
+    if mode == "1":
+        raise RuntimeError(f"SFPP_BUILD_CUDA=1 but the CUDA ops cannot be built: {reason}")
+    print(f"sfpp: skipping the CUDA C++ ops ({reason}); the triton and torch backends remain", file=sys.stderr)
+    return []
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        archs = os.environ.get("SFPP_CUDA_ARCHS", "80;90")
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+        ]  # fmt: skip
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)], check=True)
+
 
 setup(
     name="sfpp",
@@ -9,8 +63,14 @@ setup(
     package_data={"sfpp": ["assets/**/*"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av"],
     extras_require={
-        "test": ["pytest", "diffusers>=0.35", "transformers", "ruff", "pytest-benchmark", "tokenizers"],
-        "gpu": ["triton"],
+        # triton: the kernels' CPU tests run them in Triton's interpreter; pybind11/cmake: the CUDA build test
+        "test": [
+            *["pytest", "diffusers>=0.35", "transformers", "ruff", "pytest-benchmark", "tokenizers"],
+            *["triton", "pybind11", "cmake"],
+        ],
+        "gpu": ["triton", "pybind11"],
     },
+    ext_modules=_cuda_extensions(),
+    cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["sfpp=sfpp.cli:main"]},
 )

@@ -184,6 +184,70 @@ def noise_step_ref(
     return x0, (1 - s) * x0 + s * noise
 
 
+# ----------------------------------------------------------------------------------------------- CUDA C++ glue
+# Tensors to the raw pointers, element strides and stream that csrc/bindings.cpp takes.
+
+_CUDA_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _cuda_cache_write(q, k, v, norm_q, norm_k, cos_table, sin_table, frame_pos, token_index, k_cache, v_cache,
+                      k_scale, v_scale, height, width, split, eps) -> Tensor:  # fmt: skip
+    batch, length, _ = q.shape
+    heads, d = k_cache.shape[2:]
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if (
+        not all(x.stride(-1) == 1 for x in (q, k, v, k_cache))
+        or k_cache.stride(2) != d
+        or k_cache.stride() != v_cache.stride()
+    ):
+        raise ValueError("cuda cache_write: q/k/v model dim and the cache head dim must be contiguous")
+    if (not fp8 and k_cache.dtype != q.dtype) or q.dtype not in _CUDA_DTYPES or fp8 != (k_scale is not None):
+        raise ValueError(f"cuda cache_write: unsupported dtypes q {q.dtype}, cache {k_cache.dtype}")
+    frame_pos, token_index = frame_pos.long().contiguous(), token_index.long().contiguous()
+    cos_table, sin_table = cos_table.float().contiguous(), sin_table.float().contiguous()
+    norm_q, norm_k = norm_q.to(q.dtype).contiguous(), norm_k.to(q.dtype).contiguous()
+    q_out = torch.empty(batch, length, heads, d, dtype=q.dtype, device=q.device)
+    params = dict(
+        q=_ptr(q), k=_ptr(k), v=_ptr(v), norm_q=_ptr(norm_q), norm_k=_ptr(norm_k), cos=_ptr(cos_table),
+        sin=_ptr(sin_table), frame_pos=_ptr(frame_pos), token_index=_ptr(token_index), k_cache=_ptr(k_cache),
+        v_cache=_ptr(v_cache), k_scale=_ptr(k_scale), v_scale=_ptr(v_scale), q_out=_ptr(q_out),
+        batch=batch, length=length, heads=heads, head_dim=d, height=height, width=width,
+        t_half=split[0] // 2, h_half=split[1] // 2,
+        q_sb=q.stride(0), q_sl=q.stride(1), k_sb=k.stride(0), k_sl=k.stride(1), v_sb=v.stride(0), v_sl=v.stride(1),
+        c_sb=k_cache.stride(0), c_sl=k_cache.stride(1), c_sh=k_cache.stride(2),
+        s_sb=k_scale.stride(0) if fp8 else 0, s_sl=k_scale.stride(1) if fp8 else 0,
+        o_sb=q_out.stride(0), o_sl=q_out.stride(1), eps=eps, dtype=_CUDA_DTYPES[q.dtype],
+    )  # fmt: skip
+    cuda_extension().cache_write(params, torch.cuda.current_stream(q.device).cuda_stream)
+    return q_out
+
+
+def _cuda_noise_step(x, flow, sigma, sigma_next, seed, offset) -> tuple[Tensor, Tensor]:
+    if offset % 4 or x.dtype not in _CUDA_DTYPES or not x.is_contiguous():
+        raise ValueError("cuda noise_step: offset must be a multiple of 4, x contiguous fp32/fp16/bf16")
+    flow = None if flow is None else flow.to(x.dtype).contiguous()
+    per_frame = isinstance(sigma_next, Tensor)
+    batch, channels, frames = x.shape[:3] if x.ndim == 5 else (1, 1, 1)
+    if per_frame:
+        sig = sigma if isinstance(sigma, Tensor) else torch.full_like(sigma_next, float(sigma))
+        sig, sig_next = (t.float().expand(batch, frames).contiguous() for t in (sig, sigma_next))
+    x0, x_next = torch.empty_like(x, dtype=torch.float32), torch.empty_like(x, dtype=torch.float32)
+    frame_size = math.prod(x.shape[3:]) if x.ndim == 5 else 1
+    params = dict(
+        x=_ptr(x), flow=_ptr(flow), sigma=_ptr(sig) if per_frame else None,
+        sigma_next=_ptr(sig_next) if per_frame else None,
+        sigma_val=0.0 if per_frame else float(sigma), sigma_next_val=0.0 if per_frame else float(sigma_next),
+        x0=_ptr(x0), x_next=_ptr(x_next), numel=x.numel(), frame_size=frame_size, frames=frames,
+        sample_size=frame_size * frames * channels, seed=seed, counter0=offset // 4, dtype=_CUDA_DTYPES[x.dtype],
+    )  # fmt: skip
+    cuda_extension().noise_step(params, torch.cuda.current_stream(x.device).cuda_stream)
+    return x0, x_next
+
+
 # ----------------------------------------------------------------------------------------------- ring attention
 
 
@@ -254,9 +318,7 @@ def _cache_write(
 ) -> Tensor:
     args = (q, k, v, norm_q, norm_k, cos_table, sin_table, frame_pos, token_index, k_cache, v_cache, k_scale, v_scale)
     if backend == "cuda":
-        from sfpp import _cuda_launch
-
-        return _cuda_launch.cache_write(*args, height, width, tuple(split), eps)
+        return _cuda_cache_write(*args, height, width, tuple(split), eps)
     fn = _triton("cache_write").cache_write if backend == "triton" else cache_write_ref
     return fn(*args, height, width, tuple(split), eps)
 
@@ -311,9 +373,7 @@ def _noise_step(
     s = sigma if sigma_frames is None else sigma_frames
     s_next = sigma_next if sigma_next_frames is None else sigma_next_frames
     if backend == "cuda":
-        from sfpp import _cuda_launch
-
-        return _cuda_launch.noise_step(x, flow, s, s_next, seed, offset)
+        return _cuda_noise_step(x, flow, s, s_next, seed, offset)
     fn = _triton("noise_step").noise_step if backend == "triton" else noise_step_ref
     return fn(x, flow, s, s_next, seed, offset)
 
