@@ -1,0 +1,73 @@
+"""Fused cache write (q/k RMSNorm + 3D RoPE + ring append, bf16 or fp8 K/V): ours (triton, cuda) against the torch
+path (the model's ops) and the copy bandwidth measured in the same run, at the Wan 1.3B chunk (4680 tokens, dim 1536).
+
+    python -m bench.bench_cache_write
+
+GB/s counts the bytes the op must move: read q, k, v; write q, K, V (and the fp8 scales). Needs a CUDA GPU; on a CPU
+it runs a tiny smoke configuration through the torch reference and Triton's interpreter and saves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bench.bench_ring_attention import bench_ms
+from bench.common import save
+from sfpp.cache import RingKVCache
+from sfpp.model import WanConfig, rope_table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--height", type=int, default=30, help="latent patches per frame, rows")
+    p.add_argument("--width", type=int, default=52)
+    p.add_argument("--frames", type=int, default=3)
+    p.add_argument("--window", type=int, default=21)
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = WanConfig()
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        print("no CUDA device: smoke run at a tiny size (torch reference, Triton interpreter); nothing saved")
+        cfg, args.height, args.width, args.frames, args.window = WanConfig(dim=48, num_heads=3), 2, 2, 2, 3
+    from sfpp import ops
+
+    tokens = args.height * args.width
+    length = args.frames * tokens
+    tables = [t.to(device) for t in rope_table(cfg)]
+    norms = [torch.ones(cfg.dim, device=device, dtype=torch.bfloat16) for _ in range(2)]
+    q, k, v = (torch.randn(1, length, cfg.dim, device=device, dtype=torch.bfloat16) for _ in "qkv")
+    rows = []
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        cache = RingKVCache(cfg, batch_size=1, frame_tokens=tokens, window=args.window, dtype=torch.bfloat16,
+                            kv_dtype=kv_dtype, device=device)  # fmt: skip
+        plan = cache.plan(1, args.frames, tokens)
+        kv_bytes = 1 if kv_dtype == torch.float8_e4m3fn else 2
+        moved = length * cfg.dim * (3 * 2 + 2 + 2 * kv_bytes) + (8 * length * cfg.num_heads if kv_bytes == 1 else 0)
+        for backend in ops.available("cache_write", device):
+            args_ = (q, k, v, *norms, *tables, plan.frame_pos, plan.token_index, *cache.layer(0))
+            fn = partial(ops.cache_write, *args_, args.height, args.width, cfg.rope_split, cfg.eps, backend=backend)
+            fn()
+            ms = bench_ms(fn, device)
+            rows.append({"provider": backend, "kv_dtype": str(kv_dtype), "ms": ms, "gbps": moved / ms / 1e6})
+            print(f"{str(kv_dtype):22s} {backend:8s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s")
+    src = torch.empty(length * cfg.dim * 4, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device)
+    rows.append({"provider": "copy", "ms": ms, "gbps": 2 * src.numel() * 2 / ms / 1e6})
+    print(f"copy (same order of bytes) {ms:8.4f} ms {2 * src.numel() * 2 / ms / 1e6:8.1f} GB/s")
+    if device.type != "cuda":
+        return {"rows": rows}
+    results = {"tokens": length, "dim": cfg.dim, "heads": cfg.num_heads, "rows": rows}
+    print("saved", save("bench_cache_write", device, results, Path(args.out_dir) if args.out_dir else None))
+    return results
+
+
+if __name__ == "__main__":
+    main()
