@@ -190,7 +190,9 @@ def optimizer_state(model: nn.Module, optim: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(model: nn.Module, optim: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
+    # Not strict: parameters that never received a gradient (e.g. the student's text K/V path, which training
+    # keeps fixed) have no optimizer state to restore.
+    set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def write_json(path: Path, data: dict, env: Dist) -> None:
