@@ -67,8 +67,10 @@ setup(
         "test": [
             *["pytest", "diffusers>=0.35", "transformers", "ruff", "pytest-benchmark", "tokenizers"],
             *["triton", "pybind11", "cmake"],
+            *["opencv-python-headless", "matplotlib"],  # the training stack's smoke tests
         ],
         "gpu": ["triton", "pybind11"],
+        "train": ["opencv-python-headless", "matplotlib"],  # optical flow (reward, metrics), evaluation plots
     },
     ext_modules=_cuda_extensions(),
     cmdclass={"build_ext": CMakeBuild},

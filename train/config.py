@@ -54,7 +54,7 @@ class GRPOConfig:
     prompts_per_step: int = 2
     group_size: int = 4
     rollout_frames: int = 24
-    lr: float = 2e-6
+    lr: float = 1e-5
     clip_eps: float = 0.2
     inner_epochs: int = 2
     flow_floor: float = 0.25  # px/frame added to the mean flow in the reward's denominator
