@@ -38,8 +38,8 @@ class ChunkRunner:
     x0 = runner(runner.draw_noise(shape, generator))   # [B, C, Fc, h, w] fp32; the cache has advanced
 
     `cuda_graph`: capture on the first chunk (which runs eagerly as the warm-up), replay from the second. Ignored
-    without CUDA. `compile`: `torch.compile` the chunk function (`compile_options` go to torch.compile); with
-    `cuda_graph` as well, the compiled kernels are what the graph captures.
+    without CUDA. `compile`: `torch.compile` the model's chunk forward (`compile_options` go to torch.compile); one
+    compiled forward serves all the passes of a chunk. With `cuda_graph` as well, the graph captures its kernels.
     """
 
     def __init__(
@@ -55,7 +55,7 @@ class ChunkRunner:
         self.model, self.cache, self.schedule = model, cache, schedule
         self.use_graph = cuda_graph and cache.k.device.type == "cuda"
         self.compiled = compile
-        self._fn = torch.compile(self._chunk, **(compile_options or {})) if compile else self._chunk
+        self._forward = torch.compile(model.forward_chunk, **(compile_options or {})) if compile else None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_noise: Tensor | None = None
         self._static_out: Tensor | None = None
@@ -76,29 +76,30 @@ class ChunkRunner:
     @torch.no_grad()
     def _chunk(self, noises: Tensor) -> Tensor:
         """The device work of one chunk: denoising steps, then the context pass. No host syncs, fixed shapes."""
-        model, cache, schedule = self.model, self.cache, self.schedule
+        cache, schedule = self.cache, self.schedule
+        forward = self._forward or self.model.forward_chunk
         sigmas = schedule.sigmas
         batch, frames = noises.shape[1], noises.shape[3]
         x = noises[0].float()
         for i, sigma in enumerate(sigmas):
             with nvtx_range(f"denoise step {i}"):
                 t = torch.full((batch, frames), schedule.num_train_timesteps * sigma, device=x.device)
-                x0 = flow_to_x0(x, model.forward_chunk(x, t, cache).float(), sigma)
+                x0 = flow_to_x0(x, forward(x, t, cache).float(), sigma)
                 if i + 1 < len(sigmas):
                     x = add_noise(x0, noises[i + 1], sigmas[i + 1])
         with nvtx_range("context pass"):
             ctx_sigma = schedule.context_noise / schedule.num_train_timesteps
             ctx = add_noise(x0, noises[len(sigmas)], ctx_sigma) if ctx_sigma > 0 else x0
-            model.forward_chunk(ctx, torch.full((batch, frames), schedule.context_noise, device=x.device), cache)
+            forward(ctx, torch.full((batch, frames), schedule.context_noise, device=x.device), cache)
         return x0
 
     def _call(self, noises: Tensor) -> Tensor:
         if not self.compiled:
-            return self._fn(noises)
+            return self._chunk(noises)
         # The cache's host-side frame counter (read by its RoPE-limit check) would otherwise be specialised: one
         # recompilation per chunk. As a symbolic int it is guarded, not baked in.
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
-            return self._fn(noises)
+            return self._chunk(noises)
 
     def _check_room(self, frames: int) -> None:
         # The cache checks this while planning a chunk; a replayed graph plans on the device only, so check here.
