@@ -55,7 +55,10 @@ class ChunkRunner:
         self.model, self.cache, self.schedule = model, cache, schedule
         self.use_graph = cuda_graph and cache.k.device.type == "cuda"
         self.compiled = compile
-        self._forward = torch.compile(model.forward_chunk, **(compile_options or {})) if compile else None
+        self._forward = None
+        if compile:
+            model.rope(torch.zeros(1, dtype=torch.long, device=cache.k.device), 1, 1)  # build the lazy RoPE table
+            self._forward = torch.compile(model.forward_chunk, **(compile_options or {}))
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_noise: Tensor | None = None
         self._static_out: Tensor | None = None
