@@ -68,6 +68,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip Self-Forcing's path")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="DiT/VAE dtype (bfloat16 on GPU)")
     p.add_argument("--vae-base-dim", type=int, default=96, help="VAE width (96 is Wan2.1's)")
+    p.add_argument("--vae-frames-per-call", type=int, default=None, help="latent frames per VAE decoder call "
+                   "(default: the whole chunk; 1 needs less activation memory)")  # fmt: skip
     p.add_argument("--attention", default="torch", help="ring attention backend (torch, or a registered kernel)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler table of the first variant")
@@ -176,7 +178,7 @@ class Harness:
             cache.set_text(text_kv)  # a captured graph stays valid: the cache is reset in place
             return runner
 
-        result = self.run(f"{mode}-{kv}", new_video, None, long)
+        result = self.run(f"{mode}-{kv}", new_video, self.args.vae_frames_per_call, long)
         result["kv_cache_mib"] = cache.nbytes / 2**20
         result["graph_replays"] = runner.replays
         return result

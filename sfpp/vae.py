@@ -269,7 +269,7 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)  # encoder output -> (mu, log_var)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)  # latent -> decoder input
         self.decoder = Decoder3d(cfg)
-        self.register_buffer("latent_stats", self._stats(), persistent=False)  # [2 (mean, std), 1, z, 1, 1, 1]
+        self._stats: dict[torch.device, Tensor] = {}  # fp32 (mean, std) per device, whatever the VAE's dtype
 
     # --- the pipeline's decoder interface
 
@@ -313,10 +313,12 @@ class WanVAE(nn.Module):
         load_weights(vae, load_file(path), source=str(path))
         return vae.eval()
 
-    def _stats(self) -> Tensor:
-        cfg = self.cfg
-        stats = torch.tensor([cfg.latents_mean, cfg.latents_std], dtype=torch.float32, device="cpu")
-        return stats.view(2, 1, cfg.z_dim, 1, 1, 1)
+    def latent_stats(self, device: torch.device) -> Tensor:
+        """Wan's per-channel latent mean and std, fp32 [2, 1, z, 1, 1, 1] on `device`."""
+        if device not in self._stats:
+            stats = torch.tensor([self.cfg.latents_mean, self.cfg.latents_std], dtype=torch.float32, device="cpu")
+            self._stats[device] = stats.view(2, 1, self.cfg.z_dim, 1, 1, 1).to(device)
+        return self._stats[device]
 
     def stream(self, *, frames_per_call: int | None = None) -> VAEStream:
         return VAEStream(self, frames_per_call=frames_per_call)
@@ -344,7 +346,7 @@ class WanVAE(nn.Module):
         chunks = [x[:, :, :1], *x[:, :, 1:].split(tf, dim=2)]
         out = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
         mu = self.conv1(out).chunk(2, dim=1)[0].float()
-        mean, std = self.latent_stats.to(mu.device)
+        mean, std = self.latent_stats(mu.device)
         return (mu - mean) / std
 
     @torch.no_grad()
@@ -368,7 +370,7 @@ class VAEStream:
         vae = self.vae
         if z.ndim != 5 or z.shape[1] != vae.channels:
             raise ValueError(f"latents must be [batch, {vae.channels}, frames, h, w], got {tuple(z.shape)}")
-        mean, std = vae.latent_stats.to(z.device)
+        mean, std = vae.latent_stats(z.device)
         x = vae.conv2((z.float() * std + mean).to(vae.dtype))
         parts = x.split(self.frames_per_call or x.shape[2], dim=2)
         out = torch.cat([vae.decoder(part, self.cache) for part in parts], dim=2)
