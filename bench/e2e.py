@@ -171,6 +171,8 @@ class Harness:
             **({"kv_dtype": kv_dtype} if kv_dtype != self.dtype else {}),
         )
         text_kv = self.model.text_kv(self.context)
+        if MODES[mode].get("compile"):
+            torch._dynamo.reset()  # each compiled variant compiles afresh (in its warm-up), within the recompile limit
         runner = ChunkRunner(self.model, cache, self.schedule, **MODES[mode])
 
         def new_video():
