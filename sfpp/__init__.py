@@ -4,10 +4,10 @@ from sfpp.cache import RingKVCache
 from sfpp.model import CONFIGS, WanConfig, WanModel, get_config
 from sfpp.pipeline import DECODERS, Pipeline, PipelineOutput, StreamSettings
 from sfpp.sampler import FlowMatchSchedule
-from sfpp.toy import PixelShuffleCodec
+from sfpp.toy import PatchPCACodec
 from sfpp.video import export_to_video
 
-DECODERS["pixel-shuffle"] = PixelShuffleCodec
+DECODERS["patch-pca"] = PatchPCACodec
 
 __all__ = [
     "CONFIGS",

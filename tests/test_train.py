@@ -37,13 +37,17 @@ def test_world_is_deterministic_and_described():
     assert not torch.equal(render(spec, 2, start=0), render(spec, 2, start=10))  # things move
 
 
-def test_codec_is_lossless():
+def test_codec_keeps_the_world():
     codec = world_codec(get_recipe("smoke"))
-    video, _ = render_batch([1, 2], 4)
+    video, _ = render_batch([1, 2], 4)  # clips the codec was not fitted on
     z = codec.encode(video)
-    assert z.shape == (2, 48, 4, 8, 8)
-    assert 0.5 < float(z.std()) < 2.0  # standardised
-    torch.testing.assert_close(codec.decode_pixels(z), video, rtol=0, atol=1e-5)
+    assert z.shape == (2, 16, 4, 8, 8)
+    assert 0.5 < float(z.std()) < 2.0  # standardised components
+    err = (codec.decode_pixels(z) - video).abs()
+    assert float(err.mean()) < 0.03  # ~1% of the [-1, 1] range; the loss sits at sharp edges
+    torch.testing.assert_close(codec.encode(codec.decode_pixels(z)), z, rtol=0, atol=1e-4)  # a projection
+    again = type(codec).from_meta(codec.to_meta(), Path("."))
+    assert torch.equal(again.encode(video), z)
 
 
 def test_metrics_separate_good_from_broken_video():
@@ -72,16 +76,16 @@ def test_rollout_window_carries_gradients_only_in_the_window():
     with torch.no_grad():
         cache.set_text(model.text_kv(torch.randn(2, cfg.text_len, cfg.text_dim)))
     out = R.student_rollout(
-        model, cache, (2, 48, 3, 8, 8), 12, FlowMatchSchedule(), torch.Generator().manual_seed(0), grad_from=6
+        model, cache, (2, 16, 3, 8, 8), 12, FlowMatchSchedule(), torch.Generator().manual_seed(0), grad_from=6
     )
-    assert out.shape == (2, 48, 6, 8, 8) and out.requires_grad
+    assert out.shape == (2, 16, 6, 8, 8) and out.requires_grad
     assert cache.frames_done == 12  # the whole rollout went through the ring (and wrapped it)
     out.square().mean().backward()
     assert model.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
     plain = R.student_rollout(
-        model, _fresh_cache(model, cache), (2, 48, 3, 8, 8), 6, FlowMatchSchedule(), torch.Generator().manual_seed(0)
+        model, _fresh_cache(model, cache), (2, 16, 3, 8, 8), 6, FlowMatchSchedule(), torch.Generator().manual_seed(0)
     )
-    assert plain.shape == (2, 48, 6, 8, 8) and not plain.requires_grad  # no window: plain inference
+    assert plain.shape == (2, 16, 6, 8, 8) and not plain.requires_grad  # no window: plain inference
 
 
 def _fresh_cache(model, like):
@@ -168,8 +172,6 @@ def test_wan_recipe_builds_and_trains_a_step_at_reduced_size(tmp_path):
             num_layers=1,
             text_dim=32,
             text_len=16,
-            in_channels=192,
-            out_channels=192,
         ),
         text=replace(recipe.text, text_dim=32, text_len=16, num_layers=1),
         frame_size=64,

@@ -66,7 +66,7 @@ class Recipe:
     model: WanConfig
     text: ByteTextEncoderConfig
     frame_size: int = 32  # pixels
-    codec_factor: int = 4  # pixel-unshuffle factor: latent side = frame_size / codec_factor
+    codec_factor: int = 4  # pixel block side of the toy codec: latent side = frame_size / codec_factor
     fps: int = 8
     horizon: int = 12  # teacher horizon K in latent frames (= video frames for the toy codec)
     frames_per_chunk: int = 3
@@ -90,8 +90,8 @@ TOY_MODEL = WanConfig(
     ffn_dim=384,
     num_heads=4,
     num_layers=4,
-    in_channels=48,
-    out_channels=48,
+    in_channels=16,
+    out_channels=16,
     text_dim=64,
     text_len=128,
     freq_dim=64,

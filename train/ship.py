@@ -48,8 +48,8 @@ def model_card(recipe: Recipe, out: Path, stage: str) -> str:
 A block-causal Wan-architecture DiT (dim {m.dim}, {m.num_layers} layers, {m.num_heads} heads, ffn {m.ffn_dim}) that
 generates {recipe.frame_size}x{recipe.frame_size} video of the procedural world in `train/world.py` at {recipe.fps} fps,
 {recipe.frames_per_chunk} latent frames per chunk, 4 denoising steps, over a rolling KV cache of {recipe.window} frames.
-Latents are the lossless pixel-unshuffle codec of `sfpp/toy.py` (factor {recipe.codec_factor}); prompts go through a
-byte-level text encoder trained with the teacher.
+Latents are the fixed patch-PCA codec of `sfpp/toy.py` ({recipe.codec_factor}x{recipe.codec_factor} pixel blocks,
+{m.in_channels} channels); prompts go through a byte-level text encoder trained with the teacher.
 
 ## How it was trained
 

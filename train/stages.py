@@ -25,7 +25,7 @@ from sfpp.cache import RingKVCache
 from sfpp.model import WanModel
 from sfpp.sampler import FlowMatchSchedule, flow_to_x0
 from sfpp.text import ByteTextEncoder
-from sfpp.toy import PixelShuffleCodec
+from sfpp.toy import PatchPCACodec
 from train import rollout as R
 from train.common import (
     EMA,
@@ -49,12 +49,14 @@ from train.world import render_batch, sample_spec
 STAGES = ("teacher", "ode", "dmd", "extended", "grpo")
 
 
-def world_codec(recipe: Recipe) -> PixelShuffleCodec:
-    """The toy latent codec, standardised with colour statistics of 256 world frames (deterministic)."""
-    video, _ = render_batch(list(range(10**6, 10**6 + 64)), 4, recipe.frame_size)
-    mean = video.mean(dim=(0, 1, 3, 4)).tolist()
-    std = video.std(dim=(0, 1, 3, 4)).tolist()
-    return PixelShuffleCodec(recipe.codec_factor, [round(m, 4) for m in mean], [round(s, 4) for s in std])
+def world_codec(recipe: Recipe) -> PatchPCACodec:
+    """The toy latent codec: principal components of the world's pixel blocks, fitted on 512 frames
+    (deterministic, so every rank and stage gets the same codec)."""
+    frames = [
+        render_batch(list(range(10**6 + 16 * i, 10**6 + 16 * i + 16)), 4, recipe.frame_size, start=7 * i)[0]
+        for i in range(8)
+    ]
+    return PatchPCACodec.fit(torch.cat(frames).flatten(0, 1), recipe.codec_factor, recipe.model.in_channels)
 
 
 def data_seeds(step: int, rank: int, world_size: int, batch: int, salt: int) -> list[int]:
