@@ -59,7 +59,7 @@ setup(
     version="0.1.0",
     description="Streaming autoregressive video diffusion: Self-Forcing++ on a Wan2.1 DiT",
     python_requires=">=3.10",
-    packages=find_packages(include=["sfpp", "sfpp.*", "kernels", "kernels.*", "train", "train.*"]),
+    packages=find_packages(include=["sfpp", "sfpp.*", "kernels", "kernels.*", "train", "train.*", "bench", "bench.*"]),
     package_data={"sfpp": ["assets/**/*"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av"],
     extras_require={
