@@ -1,3 +1,13 @@
+import os
+
+# Triton kernels run on CPU tensors through Triton's interpreter, which must be switched on before triton is first
+# imported (importing torch does not import it). On a GPU machine the real kernels run.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 
