@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         "generate",
         help="generate a video from a text prompt and write it as an mp4",
         description="Generate a video chunk by chunk from a text prompt and write it as an H.264 mp4.",
-        epilog='example: sfpp generate --prompt "a red ball bounces across a checkered floor" --seconds 10 -o out.mp4',
+        epilog='example: sfpp generate --prompt "a big red circle moving fast over a striped grey background" -s 10',
     )
     gen.add_argument("-p", "--prompt", required=True, help="text describing the video")
     length = gen.add_mutually_exclusive_group()
