@@ -1,11 +1,13 @@
 """Text encoders behind one interface: `encode(prompts) -> [B, text_len, text_dim]`, padded positions zeroed.
 
-umT5-XXL (the real Wan path) implements the same interface; `ByteTextEncoder` is a small byte-level transformer
-for CPU work and the toy world.
+umT5-XXL (the real Wan path) implements the same interface; `ByteTextEncoder` is a small transformer over UTF-8
+bytes or hashed words, for CPU work and the toy world.
 """
 
 from __future__ import annotations
 
+import re
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,16 +21,27 @@ class ByteTextEncoderConfig:
     text_len: int = 16
     num_layers: int = 2
     num_heads: int = 2
+    tokenizer: str = "bytes"  # "bytes": UTF-8 bytes; "words": lower-cased words hashed into `word_buckets`
+    word_buckets: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in ("bytes", "words"):
+            raise ValueError(f"tokenizer must be 'bytes' or 'words', got {self.tokenizer!r}")
+
+    @property
+    def vocab_size(self) -> int:
+        return 2 + (256 if self.tokenizer == "bytes" else self.word_buckets)
 
 
 class ByteTextEncoder(nn.Module):
-    """UTF-8 bytes -> embeddings -> a few transformer layers. Token 0 pads, 1 begins every prompt (so an empty
-    prompt still has a token to attend to), byte b is token b + 2."""
+    """Tokens -> embeddings -> a few transformer layers. Token 0 pads, 1 begins every prompt (so an empty prompt
+    still has a token to attend to), byte or word-bucket i is token i + 2. Words are hashed with CRC-32, which,
+    unlike Python's hash, is the same in every process."""
 
     def __init__(self, cfg: ByteTextEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(258, cfg.text_dim)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_dim)
         self.position_embedding = nn.Parameter(torch.randn(cfg.text_len, cfg.text_dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
             cfg.text_dim, cfg.num_heads, 4 * cfg.text_dim, dropout=0.0, batch_first=True, norm_first=True
@@ -59,10 +72,15 @@ class ByteTextEncoder(nn.Module):
         return load_weights(encoder, load_file(directory / cls.WEIGHTS), source=str(directory / cls.WEIGHTS))
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        """[B, text_len] token ids; prompts are truncated to text_len - 1 bytes."""
+        """[B, text_len] token ids; prompts are truncated to text_len - 1 tokens."""
         ids = torch.zeros(len(prompts), self.cfg.text_len, dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            data = [1] + [b + 2 for b in prompt.encode("utf-8")][: self.cfg.text_len - 1]
+            if self.cfg.tokenizer == "bytes":
+                pieces = list(prompt.encode("utf-8"))
+            else:
+                words = re.findall(r"[a-z0-9]+", prompt.lower())
+                pieces = [zlib.crc32(w.encode()) % self.cfg.word_buckets for w in words]
+            data = [1] + [p + 2 for p in pieces][: self.cfg.text_len - 1]
             ids[i, : len(data)] = torch.tensor(data, dtype=torch.long)
         return ids
 

@@ -14,12 +14,12 @@ from sfpp.text import ByteTextEncoderConfig
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    steps: int = 2000
+    steps: int = 2500
     batch_size: int = 16
     lr: float = 3e-4
     warmup: int = 100
     cond_dropout: float = 0.1  # empty prompt this often, for classifier-free guidance
-    train_shift: float = 3.0  # sigma = shift * u / (1 + (shift - 1) u), u ~ U(0, 1)
+    train_shift: float = 1.0  # sigma = shift * u / (1 + (shift - 1) u), u ~ U(0, 1): uniform noise levels
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,10 @@ TOY_MODEL = WanConfig(
     in_channels=16,
     out_channels=16,
     text_dim=64,
-    text_len=128,
+    text_len=32,
     freq_dim=64,
 )
-TOY_TEXT = ByteTextEncoderConfig(text_dim=64, text_len=128, num_layers=2, num_heads=2)
+TOY_TEXT = ByteTextEncoderConfig(text_dim=64, text_len=32, num_layers=2, num_heads=2, tokenizer="words")
 
 RECIPES: dict[str, Recipe] = {
     "toy": Recipe("toy", TOY_MODEL, TOY_TEXT),
