@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfpp.cli import main
+from sfpp.cli import DEFAULT_MODEL_DIR, main
 from sfpp.video import export_to_video
 
 
@@ -47,7 +47,20 @@ def test_export_bad_input(tmp_path, frames, match):
 
 def test_cli_generate(tmp_path, capsys):
     out = tmp_path / "o.mp4"
-    args = ["generate", "--prompt", "a red ball", "--seconds", "1.5", "--seed", "3", "-o", str(out), "--quiet"]
+    args = [
+        "generate",
+        "-p",
+        "a red ball",
+        "--seconds",
+        "1.5",
+        "--seed",
+        "3",
+        "-o",
+        str(out),
+        "--quiet",
+        "--config",
+        "tiny",
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "RANDOM weights" in captured.err
@@ -70,3 +83,13 @@ def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "sfpp.cli", "generate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "--prompt" in result.stdout and "--seconds" in result.stdout and "example:" in result.stdout
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "sfpp_pipeline.json").is_file(), reason="no shipped default model")
+def test_cli_default_model(tmp_path, capsys):
+    out = tmp_path / "d.mp4"
+    prompt = "a big red circle moving fast over a striped grey background"
+    assert main(["generate", "-p", prompt, "--num-frames", "20", "-o", str(out), "--quiet"]) == 0
+    assert "RANDOM" not in capsys.readouterr().err
+    codec, frames = read_mp4(out)
+    assert codec == "h264" and frames.shape == (20, 32, 32, 3)
