@@ -70,7 +70,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-base-dim", type=int, default=96, help="VAE width (96 is Wan2.1's)")
     p.add_argument("--vae-frames-per-call", type=int, default=None, help="latent frames per VAE decoder call "
                    "(default: the whole chunk; 1 needs less activation memory)")  # fmt: skip
-    p.add_argument("--attention", default="torch", help="ring attention backend (torch, or a registered kernel)")
+    p.add_argument(
+        "--attention",
+        default="torch",
+        help="torch, or an sfpp.ops backend for the fused self-attention (auto, triton, cuda)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler table of the first variant")
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")
@@ -262,15 +266,9 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.attention != "torch":
-        import importlib.util
-
-        from sfpp.attention import set_backend
-
-        if importlib.util.find_spec("sfpp.ops"):
-            import sfpp.ops  # noqa: F401  (registers the kernel backends)
-        set_backend(args.attention)
     h = Harness(args)
+    if args.attention != "torch":  # the fused cache write + ring attention of sfpp.ops, on that backend
+        h.model.use_kernels(args.attention)
     variants = [(m, k) for k in args.kv_dtypes for m in args.modes]
     long = set(args.long.split(","))
     results = []

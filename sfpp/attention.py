@@ -1,12 +1,10 @@
 """Block-causal attention: the full-sequence mask and attention over the ring-buffer KV cache.
 
-`ring_attention` is the one dispatch point for the student's self-attention at inference. The torch reference below
-defines its meaning; faster backends (Triton, CUDA) register under a name with the same signature.
+The torch reference below defines what ring attention means; `sfpp.ops.ring_attention` dispatches it to the Triton
+and CUDA kernels of the same signature (the one dispatch point, chosen per model by `WanModel.use_kernels`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,31 +64,3 @@ def ring_attention_ref(
         q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=valid[None, None, None, :]
     )
     return out.transpose(1, 2)
-
-
-RingAttentionFn = Callable[..., Tensor]  # the signature of ring_attention_ref
-_BACKENDS: dict[str, RingAttentionFn] = {"torch": ring_attention_ref}
-_active = "torch"
-
-
-def register_backend(name: str, fn: RingAttentionFn) -> None:
-    _BACKENDS[name] = fn
-
-
-def set_backend(name: str) -> None:
-    global _active
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
-    _active = name
-
-
-def ring_attention(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    slot_frame: Tensor,
-    frame_tokens: int,
-    k_scale: Tensor | None = None,
-    v_scale: Tensor | None = None,
-) -> Tensor:
-    return _BACKENDS[_active](q, k_cache, v_cache, slot_frame, frame_tokens, k_scale, v_scale)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfpp.attention import block_causal_mask, ring_attention
+from sfpp.attention import block_causal_mask, ring_attention_ref
 
 
 @dataclass(frozen=True)
@@ -410,7 +410,7 @@ class WanModel(nn.Module):
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 kv = cache.write(i, plan, k, v)
-                return ring_attention(q, kv.k, kv.v, cache.slot_frame, h * w, kv.k_scale, kv.v_scale)
+                return ring_attention_ref(q, kv.k, kv.v, cache.slot_frame, h * w, kv.k_scale, kv.v_scale)
 
             return fn
 
