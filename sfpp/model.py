@@ -185,6 +185,18 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return (x.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
 
 
+def _norm_modulate(
+    norm: FP32LayerNorm, x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype, kernels: str | None
+) -> Tensor:
+    """norm(x), per-frame adaLN, cast to dtype: the torch path, or with `kernels` (a backend of `sfpp.ops`) the
+    fused op."""
+    if kernels is None:
+        return _modulate(norm(x), shift, scale).to(dtype)
+    from sfpp import ops
+
+    return ops.adaln_modulate(x, shift, scale, norm.eps, dtype, backend=kernels)
+
+
 def _gate(y: Tensor, gate: Tensor) -> Tensor:
     return (y.float().unflatten(1, (gate.shape[1], -1)) * gate).flatten(1, 2)
 
@@ -203,13 +215,20 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(
-        self, x: Tensor, e: Tensor, rope: tuple[Tensor, Tensor], text_kv: tuple[Tensor, Tensor], attend: AttendFn
+        self,
+        x: Tensor,
+        e: Tensor,
+        rope: tuple[Tensor, Tensor],
+        text_kv: tuple[Tensor, Tensor],
+        attend: AttendFn,
+        kernels: str | None = None,
     ) -> Tensor:
-        """x [B, F*L, dim] fp32 residual stream; e [B, F, 6, dim] fp32 per-frame modulation."""
+        """x [B, F*L, dim] fp32 residual stream; e [B, F, 6, dim] fp32 per-frame modulation; kernels: the
+        `sfpp.ops` backend of the fused adaLN, or None for the torch path."""
         dtype = self.ffn[0].weight.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e).chunk(6, dim=2)
 
-        h = _modulate(self.norm1(x), shift1, scale1).to(dtype)
+        h = _norm_modulate(self.norm1, x, shift1, scale1, dtype, kernels)
         if isinstance(attend, FusedAttend):  # kernels: projections in, norm + RoPE + cache write + attention fused
             y = attend(self.self_attn, h)
         else:
@@ -222,7 +241,7 @@ class WanBlock(nn.Module):
         y = F.scaled_dot_product_attention(q, *text_kv)  # text K/V are [B, H, Lt, D]
         x = x + self.cross_attn.o(y.transpose(1, 2).flatten(2)).float()
 
-        y = self.ffn(_modulate(self.norm2(x), shift2, scale2).to(dtype))
+        y = self.ffn(_norm_modulate(self.norm2, x, shift2, scale2, dtype, kernels))
         return x + _gate(y, gate2)
 
 
@@ -233,9 +252,9 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x: Tensor, e: Tensor) -> Tensor:  # e [B, F, dim]
+    def forward(self, x: Tensor, e: Tensor, kernels: str | None = None) -> Tensor:  # e [B, F, dim]
         shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
-        return self.head(_modulate(self.norm(x), shift, scale).to(self.head.weight.dtype))
+        return self.head(_norm_modulate(self.norm, x, shift, scale, self.head.weight.dtype, kernels))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -333,14 +352,15 @@ class WanModel(nn.Module):
         frame_pos: Tensor,
         text_kv: list[tuple[Tensor, Tensor]],
         attend: Callable[[int], AttendFn],
+        kernels: str | None = None,
     ) -> Tensor:
         f, h, w = grid
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
         e, e0 = self.time_modulation(t)
         rope = self.rope(frame_pos, h, w)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, rope, text_kv[i], attend(i))
-        out = self.head(tokens, e)  # [B, F*h*w, C*ph*pw]
+            tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)
+        out = self.head(tokens, e, kernels)  # [B, F*h*w, C*ph*pw]
         return self._unpatchify(out.float(), grid)
 
     def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -387,8 +407,8 @@ class WanModel(nn.Module):
     # --- one chunk of the student over the KV cache
 
     def use_kernels(self, backend: str | None = "auto") -> WanModel:
-        """Run forward_chunk's self-attention through the fused kernels of `sfpp.ops` ("auto", "triton", "cuda",
-        "torch" for their references), or None for the plain torch path (the default). Inference only: under
+        """Run forward_chunk's self-attention and adaLN through the fused kernels of `sfpp.ops` ("auto", "triton",
+        "cuda", "torch" for their references), or None for the plain torch path (the default). Inference only: under
         autograd forward_chunk keeps the torch path."""
         self.kernels = backend
         return self
@@ -405,7 +425,8 @@ class WanModel(nn.Module):
         f, h, w = grid
         plan = cache.plan(x.shape[0], f, h * w)
         if self.kernels is not None and self.cfg.qk_norm and not torch.is_grad_enabled():
-            return self._run(x, t, grid, plan.frame_pos, cache.text_kv, lambda i: self._fused(cache, i, plan, h, w))
+            fused = lambda i: self._fused(cache, i, plan, h, w)
+            return self._run(x, t, grid, plan.frame_pos, cache.text_kv, fused, self.kernels)
 
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -13,17 +13,20 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sfpp.attention import ring_attention_ref
 from sfpp.cache import quantize_fp8
 
-OPS = ("ring_attention", "cache_write", "noise_step")
+OPS = ("ring_attention", "cache_write", "noise_step", "adaln_modulate")
 PREFERENCE = {
     "ring_attention": ("triton", "torch"),
     "cache_write": ("triton", "cuda", "torch"),
     "noise_step": ("triton", "cuda", "torch"),
+    "adaln_modulate": ("triton", "torch"),
 }
+_MODULE = {"adaln_modulate": "adaln"}  # the `kernels/` file of an op, where its name is not the op's
 
 
 @functools.cache
@@ -46,9 +49,9 @@ def cuda_extension():
 def available(op: str, device: torch.device) -> list[str]:
     found = ["torch"]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if (device.type == "cuda" or interpret) and _triton(op) is not None:
+    if (device.type == "cuda" or interpret) and _triton(_MODULE.get(op, op)) is not None:
         found.append("triton")
-    if device.type == "cuda" and op != "ring_attention" and cuda_extension() is not None:
+    if device.type == "cuda" and "cuda" in PREFERENCE[op] and cuda_extension() is not None:
         found.append("cuda")
     return found
 
@@ -182,6 +185,14 @@ def noise_step_ref(
     noise = philox_normal_ref(x.numel(), seed, offset, x.device).view(x.shape)
     s = _per_frame(sigma_next, x)
     return x0, (1 - s) * x0 + s * noise
+
+
+def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+    """adaLN of a Wan block: fp32 LayerNorm without affine of x [B, F*L, D], per-frame modulation by shift/scale
+    [B, F, 1, D] fp32 (one row per latent frame, over its L tokens), cast to out_dtype. The model's own math
+    (`FP32LayerNorm`, `sfpp.model._modulate`), op for op."""
+    n = F.layer_norm(x.float(), x.shape[-1:], None, None, eps)
+    return (n.unflatten(1, (shift.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- CUDA C++ glue
@@ -399,3 +410,28 @@ def noise_step(
     frames = [s if isinstance(s, Tensor) else None for s in (sigma, sigma_next)]
     floats = [0.0 if isinstance(s, Tensor) else float(s) for s in (sigma, sigma_next)]
     return _noise_step(x, flow, *floats, *frames, seed, offset, backend)
+
+
+# ----------------------------------------------------------------------------------------------- adaLN modulate
+
+
+@torch.library.custom_op("sfpp::adaln_modulate", mutates_args=())
+def _adaln_modulate(
+    x: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype, backend: str
+) -> Tensor:
+    fn = _triton("adaln").adaln_modulate if backend == "triton" else adaln_modulate_ref
+    return fn(x, shift, scale, eps, out_dtype)
+
+
+@_adaln_modulate.register_fake
+def _(x, shift, scale, eps, out_dtype, backend):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def adaln_modulate(
+    x: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype, *, backend: str = "auto"
+) -> Tensor:
+    """`adaln_modulate_ref` (LayerNorm + per-frame shift/scale + cast; x [B, F*L, D], shift/scale [B, F, 1, D])
+    on the chosen backend."""
+    backend = resolve("adaln_modulate", backend, x.device)
+    return _adaln_modulate(x, shift, scale, eps, out_dtype, backend)
