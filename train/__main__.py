@@ -42,19 +42,21 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         run_stage(name, recipe, out, env, stop_after=args.stop_after)
         info(env, f"[{name}] {time.time() - start:.0f} s")
-    if args.command in ("eval", "all") and env.is_main:
-        from train.evaluate import evaluate
-
-        evaluate(recipe, out, env.device)
-    if args.command in ("ship", "all") and env.is_main:
-        from train.ship import ship
-
-        ship(recipe, out, Path(args.ship_to) if args.ship_to else None)
-    if env.world_size > 1:
+    if env.world_size > 1:  # the rest is single-process work: leave the group first, no rank idles in a collective
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
+    if not env.is_main:
+        return 0
+    if args.command in ("eval", "all"):
+        from train.evaluate import evaluate
+
+        evaluate(recipe, out, env.device)
+    if args.command in ("ship", "all"):
+        from train.ship import ship
+
+        ship(recipe, out, Path(args.ship_to) if args.ship_to else None)
     return 0
 
 
