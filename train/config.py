@@ -50,7 +50,7 @@ class DMDConfig:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    steps: int = 60
+    steps: int = 30
     prompts_per_step: int = 2
     group_size: int = 4
     rollout_frames: int = 24
