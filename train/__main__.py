@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--stop-after", type=int, default=None, help="stop a stage after this many steps (tests)")
     p.add_argument("--ship-to", default=None, help="where `ship` writes the model (default sfpp/assets/default)")
+    p.add_argument(
+        "--ship-stage",
+        default="extended",
+        choices=["extended", "grpo", "dmd"],
+        help="which student `ship` packages (default: the Self-Forcing++ EMA student)",
+    )
     args = p.parse_args(argv)
 
     if "SFPP_THREADS" in os.environ:  # small models on a busy CPU run faster on one thread than on two
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("ship", "all"):
         from train.ship import ship
 
-        ship(recipe, out, Path(args.ship_to) if args.ship_to else None)
+        ship(recipe, out, Path(args.ship_to) if args.ship_to else None, stage=args.ship_stage)
     return 0
 
 

@@ -14,7 +14,7 @@ from train.stages import load_module, world_codec
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "sfpp" / "assets" / "default"
 
 
-def ship(recipe: Recipe, out: Path, to: Path | None = None, stage: str = "grpo") -> Path:
+def ship(recipe: Recipe, out: Path, to: Path | None = None, stage: str = "extended") -> Path:
     weights = {"grpo": "policy", "extended": "ema", "dmd": "ema"}[stage]
     to = to or DEFAULT_DIR
     student = load_module(WanModel(recipe.model), out / stage / "final" / f"{weights}.safetensors")
