@@ -13,6 +13,15 @@ import torch
 
 from sfpp.model import WanConfig, WanModel
 
+
+def require_triton() -> None:
+    """Skip the calling test module where Triton kernels cannot run: no GPU and the interpreter off (it is switched
+    on above, before triton is first imported, unless TRITON_INTERPRET was set to something else)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
+    pytest.importorskip("triton")
+
+
 # Small enough for CPU, with every structural feature of Wan2.1: 3 heads of 16 (RoPE split 8/4/4 real dims over
 # t/h/w), qk norm across heads, cross-attention norm, patch (1, 2, 2), 16 latent channels.
 TEST_CONFIG = WanConfig(

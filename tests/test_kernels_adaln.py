@@ -4,19 +4,12 @@ torch reference is the model's own math bit for bit; the op is a torch.library c
 runs it (blocks and head) under `use_kernels`. CPU via Triton's interpreter."""
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
+from conftest import require_triton  # noqa: E402
 
-if not torch.cuda.is_available():  # CPU: Triton's interpreter, which must be on before triton is first imported
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip(
-            "triton was imported before TRITON_INTERPRET=1 was set: run pytest with it", allow_module_level=True
-        )
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+require_triton()
 
 from conftest import TEST_CONFIG, randomize_  # noqa: E402
 

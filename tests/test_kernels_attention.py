@@ -1,19 +1,11 @@
 """Triton ring attention against the torch reference: many ring wrap-arounds, sinks on and off, ragged chunks,
 poisoned empty slots and outputs, every dtype, and fp8 K/V. On CPU through Triton's interpreter (small shapes)."""
 
-import os
-import sys
-
 import pytest
 import torch
+from conftest import require_triton  # noqa: E402
 
-if not torch.cuda.is_available():  # CPU: Triton's interpreter, which must be on before triton is first imported
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip(
-            "triton was imported before TRITON_INTERPRET=1 was set: run pytest with it", allow_module_level=True
-        )
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+require_triton()
 
 from kernels.ring_attention import ring_attention, ring_attention_ref  # noqa: E402
 from sfpp.cache import RingKVCache, dequantize_fp8, quantize_fp8  # noqa: E402

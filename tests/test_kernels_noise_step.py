@@ -3,19 +3,12 @@ reproduces the torch reference from (seed, offset), the noise has torch.randn's 
 sampler's `flow_to_x0` + `add_noise` given that noise. CPU via Triton's interpreter."""
 
 import math
-import os
-import sys
 
 import pytest
 import torch
+from conftest import require_triton  # noqa: E402
 
-if not torch.cuda.is_available():  # CPU: Triton's interpreter, which must be on before triton is first imported
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip(
-            "triton was imported before TRITON_INTERPRET=1 was set: run pytest with it", allow_module_level=True
-        )
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+require_triton()
 
 from kernels.noise_step import noise_step, noise_step_ref, philox4x32_ref, philox_normal_ref  # noqa: E402
 from sfpp.sampler import add_noise, flow_to_x0  # noqa: E402
