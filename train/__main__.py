@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -49,20 +50,29 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(name, recipe, out, env, stop_after=args.stop_after)
         info(env, f"[{name}] {time.time() - start:.0f} s")
     if env.world_size > 1:  # the rest is single-process work: leave the group first, no rank idles in a collective
+        import gc
+
         import torch.distributed as dist
 
+        gc.collect()  # free the sharded modules (and their device mesh) while the group still exists
         dist.barrier()
         dist.destroy_process_group()
-    if not env.is_main:
-        return 0
-    if args.command in ("eval", "all"):
-        from train.evaluate import evaluate
+    if env.is_main:
+        if args.command in ("eval", "all"):
+            from train.evaluate import evaluate
 
-        evaluate(recipe, out, env.device)
-    if args.command in ("ship", "all"):
-        from train.ship import ship
+            evaluate(recipe, out, env.device)
+        if args.command in ("ship", "all"):
+            from train.ship import ship
 
-        ship(recipe, out, Path(args.ship_to) if args.ship_to else None, stage=args.ship_stage)
+            ship(recipe, out, Path(args.ship_to) if args.ship_to else None, stage=args.ship_stage)
+    if env.world_size > 1:
+        # All work is written. Under torchrun with gloo, the interpreter's own teardown aborted a rank now and then
+        # ("terminate called without an active exception", SIGABRT) after everything had finished, which fails the
+        # whole launch; leaving without running C++ static destructors avoids it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
