@@ -102,7 +102,7 @@ class Pipeline:
         self.schedule = schedule or FlowMatchSchedule()
         self.settings = settings or StreamSettings()
         self.random_weights = random_weights
-        if getattr(text_encoder, "text_len", 0) > transformer.cfg.text_len:
+        if text_encoder.text_len > transformer.cfg.text_len:
             raise ValueError(
                 f"text encoder emits {text_encoder.text_len} tokens, more than transformer text_len "
                 f"{transformer.cfg.text_len}"

@@ -55,6 +55,10 @@ class ByteTextEncoder(nn.Module):
     def text_dim(self) -> int:
         return self.cfg.text_dim
 
+    @property
+    def text_len(self) -> int:
+        return self.cfg.text_len
+
     def to_meta(self) -> dict:
         return {"type": "byte", "config": asdict(self.cfg)}
 
