@@ -11,6 +11,7 @@ import torch
 
 from sfpp.model import CONFIGS
 from sfpp.pipeline import DTYPES, Pipeline, StreamSettings
+from sfpp.taehv import TAEHVDecoder
 from sfpp.video import export_to_video
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
@@ -43,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="frame width in pixels, a multiple of 16 (default: the model's)")
     gen.add_argument("--window", type=int, help="KV-cache window in latent frames (default: the model's)")
     gen.add_argument("--sink", type=int, help="latent frames kept as attention sinks (default: the model's)")
+    gen.add_argument(
+        "--decoder",
+        choices=["model", "tiny"],
+        default="model",
+        help="latents to pixels: the model's own decoder, or tiny = TAEHV for Wan2.1 latents (fast, preview quality)",
+    )
+    gen.add_argument(
+        "--decoder-weights",
+        metavar="PATH",
+        help="TAEHV weights for --decoder tiny (default: taew2_1.safetensors or taew2_1.pth in the model directory)",
+    )
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     bench = sub.add_parser(
         "bench",
@@ -68,12 +80,20 @@ def bench(bench_args: list[str]) -> int:
 
 def _load(args: argparse.Namespace) -> Pipeline:
     dtype = DTYPES[args.dtype]
+    if args.decoder_weights is not None and args.decoder != "tiny":
+        raise ValueError("--decoder-weights is the weights file of --decoder tiny: add --decoder tiny")
+    tiny = {"decoder": "tiny", "decoder_path": args.decoder_weights} if args.decoder == "tiny" else {}
     if args.model:
-        return Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
+        return Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, **tiny)
     if args.config is None and (DEFAULT_MODEL_DIR / "sfpp_pipeline.json").is_file():
-        return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, device=args.device, dtype=dtype)
+        return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, device=args.device, dtype=dtype, **tiny)
     name = args.config or "tiny"
-    return Pipeline.from_config(name, device=args.device, dtype=dtype)
+    pipe = Pipeline.from_config(name, device=args.device, dtype=dtype)
+    if tiny:  # random weights have no model directory to look in
+        if args.decoder_weights is None:
+            raise ValueError("--decoder tiny with --config needs --decoder-weights PATH (TAEHV's taew2_1.pth)")
+        pipe.set_decoder(TAEHVDecoder.from_file(args.decoder_weights))
+    return pipe
 
 
 def generate(args: argparse.Namespace) -> int:

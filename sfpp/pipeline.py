@@ -24,6 +24,7 @@ from sfpp.checkpoint import CheckpointError, load_file, load_weights
 from sfpp.graph import ChunkRunner, nvtx_range
 from sfpp.model import WanConfig, WanModel, get_config
 from sfpp.sampler import FlowMatchSchedule
+from sfpp.taehv import TAEHVDecoder
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.umt5 import UMT5TextEncoder
 from sfpp.vae import WanVAE
@@ -35,7 +36,7 @@ TRANSFORMER_FILE = "transformer.safetensors"
 # The parts a model directory may name by "type". Each class has `from_meta(meta, directory)`, `to_meta()` and
 # `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).
 TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder, "umt5": UMT5TextEncoder}
-DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE}
+DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE, "taehv": TAEHVDecoder}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -155,13 +156,17 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         ema: bool = True,
         settings: StreamSettings | None = None,
+        decoder: str | None = None,
+        decoder_path: str | Path | None = None,
         **options,
     ) -> Pipeline:
         """Load a model directory: sfpp's own (`save_pretrained`), Wan2.1's original layout (config.json,
         diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or
         the diffusers layout (model_index.json). `checkpoint`: DiT weights that replace the directory's, e.g. a
         Self-Forcing `.pt` (its `generator_ema` if `ema` and present, else `generator`). Weights are read tensor by
-        tensor onto meta-device models: no second copy. `options`: `cuda_graph`, `compile`, `compile_options`."""
+        tensor onto meta-device models: no second copy. `decoder="tiny"`: decode with TAEHV (`sfpp.taehv`) from
+        `decoder_path`, by default taew2_1.safetensors or taew2_1.pth in the model directory. `options`:
+        `cuda_graph`, `compile`, `compile_options`."""
         from sfpp import wan_checkpoints as wc
 
         path = Path(path)
@@ -182,6 +187,11 @@ class Pipeline:
             pipe = cls(transformer, text_encoder, vae, settings=settings, **options)
         if checkpoint is not None:
             wc.load_checkpoint(pipe.transformer, checkpoint, ema=ema, dtype=read_dtype)
+        if decoder is not None:
+            if decoder != "tiny":
+                raise ValueError(f"decoder must be 'tiny' or None (the model's own), got {decoder!r}")
+            pipe.check_decoder(TAEHVDecoder)  # before looking for weights: a model of other latents says so first
+            pipe.set_decoder(TAEHVDecoder.from_file(decoder_path or TAEHVDecoder.weights_in(path)))
         return pipe.to(device, dtype)
 
     @classmethod
@@ -238,6 +248,33 @@ class Pipeline:
         if isinstance(self.decoder, torch.nn.Module):
             self.decoder.to(device=device, dtype=decoder_dtype or dtype)
         return self
+
+    def check_decoder(self, decoder) -> None:
+        """Raise ValueError unless `decoder` (an instance or a class) decodes this model's latent space: the same
+        channels and spatial and temporal factors as the decoder it was trained with."""
+        have, want = self.decoder, decoder
+
+        def geometry(d) -> str:
+            return f"{d.channels} channels, {d.spatial_factor}x spatial, {d.temporal_factor}x temporal"
+
+        if (want.channels, want.spatial_factor, want.temporal_factor) != (
+            have.channels,
+            have.spatial_factor,
+            have.temporal_factor,
+        ):
+            name = getattr(want, "__name__", type(want).__name__)
+            raise ValueError(
+                f"{name} decodes latents of {geometry(want)}, but this model's latents are those of its "
+                f"{have.to_meta()['type']!r} decoder ({geometry(have)})"
+            )
+
+    def set_decoder(self, decoder) -> None:
+        """Decode with `decoder` from now on, e.g. `TAEHVDecoder.from_file("taew2_1.pth")`: it must decode the same
+        latent space (`check_decoder`). A module decoder moves to the pipeline's device and the DiT's dtype."""
+        self.check_decoder(decoder)
+        if isinstance(decoder, torch.nn.Module):
+            decoder.to(device=self.device, dtype=self.transformer.dtype)
+        self.decoder = decoder
 
     # --- generation
 
