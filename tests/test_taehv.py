@@ -199,3 +199,16 @@ def test_cli(weights_file, tmp_path, capsys):
         assert main(["generate", "-p", "x", "--decoder", "tiny", "-o", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("sfpp: error: TAEHVDecoder decodes latents of 16 channels") and err.count("\n") == 1
+
+
+def test_bench_decoders_runs_on_cpu(tmp_path):
+    """The decoder benchmark at a tiny size: both decoders timed in one run, saved with provenance."""
+    import json
+
+    from bench.bench_decoders import main as bench
+
+    results = bench(["--height", "2", "--width", "2", "--chunks", "1", "--out-dir", str(tmp_path)])
+    assert {r["frames_per_chunk"] for r in results["decoders"].values()} == {12}  # a steady-state chunk of 3
+    assert results["decoders"]["tiny"]["decoder_params"] == sum(int(torch.tensor(s).prod()) for s in PUBLISHED.values())
+    record = json.loads(next(tmp_path.glob("bench_decoders-cpu-*.json")).read_text())
+    assert record["wan_vae_over_tiny"] > 0 and {"device", "commit", "date", "command"} <= record.keys()
