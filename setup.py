@@ -68,7 +68,7 @@ setup(
             *["pytest", "diffusers>=0.35", "transformers", "ruff", "pytest-benchmark", "tokenizers"],
             *["triton", "pybind11", "cmake"],
             *["opencv-python-headless", "matplotlib"],  # the training stack's smoke tests
-            "flashdreams==0.1.0",  # its TAEHV is the tiny decoder's test oracle (pure Python; pulls boto3, loguru, tyro)
+            "flashdreams==0.1.0",  # its TAEHV: the tiny decoder's test oracle (pure Python; pulls boto3, loguru, tyro)
         ],
         "gpu": ["triton", "pybind11"],
         "train": ["opencv-python-headless", "matplotlib"],  # optical flow (reward, metrics), evaluation plots
