@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=None, help="untimed chunks after the first (default: 3 GPU, 0 CPU)")
     p.add_argument("--chunks", type=int, default=None, help="timed chunks (default: 20 GPU, 3 CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on a GPU, float32 on CPU")
-    p.add_argument("--decoders", default="tiny,wan-vae", help="comma-separated: tiny, wan-vae")
+    p.add_argument("--decoders", default="tiny,wan-vae", help="comma-separated, of: tiny, wan-vae")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,14 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     makers = {"tiny": TAEHVDecoder, "wan-vae": WanVAE}
-    rows = {}
+    rows = []
     for name in args.decoders.split(","):
         decoder = makers[name]().eval().to(device=device, dtype=dtype)
         params = sum(p.numel() for n, p in decoder.named_parameters() if not n.startswith("encoder."))
         with torch.no_grad():
-            rows[name] = {"decoder_params": params, **time_stream(decoder, shape, warmup, chunks, device)}
+            r = {"decoder": name, "decoder_params": params, **time_stream(decoder, shape, warmup, chunks, device)}
+        rows.append(r)
         del decoder
-        r = rows[name]
         print(
             f"{name:8s} {r['ms_per_chunk']:10.1f} ms/chunk (min {r['min_ms_per_chunk']:.1f}) {r['ms_per_frame']:8.2f} "
             f"ms/frame, {r['frames_per_chunk']} frames/chunk, {params / 1e6:.1f} M parameters"
@@ -100,13 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
         "timed_chunks": chunks,
         "decoders": rows,
     }
-    if {"tiny", "wan-vae"} <= rows.keys():
-        results["wan_vae_over_tiny"] = rows["wan-vae"]["ms_per_chunk"] / rows["tiny"]["ms_per_chunk"]
+    by_name = {r["decoder"]: r for r in rows}
+    if {"tiny", "wan-vae"} <= by_name.keys():
+        vae, tiny = by_name["wan-vae"], by_name["tiny"]
+        results["wan_vae_over_tiny"] = vae["ms_per_chunk"] / tiny["ms_per_chunk"]
         print(f"the Wan VAE takes {results['wan_vae_over_tiny']:.1f}x the tiny decoder's time per chunk")
         if not gpu:
-            cpu_ratio = rows["wan-vae"]["cpu_ms_per_chunk"] / rows["tiny"]["cpu_ms_per_chunk"]
-            results["wan_vae_over_tiny_cpu_time"] = cpu_ratio
-            print(f"and {cpu_ratio:.1f}x its CPU time")
+            results["wan_vae_over_tiny_cpu_time"] = vae["cpu_ms_per_chunk"] / tiny["cpu_ms_per_chunk"]
+            print(f"and {results['wan_vae_over_tiny_cpu_time']:.1f}x its CPU time")
     path = save("bench_decoders", device, results, Path(args.out_dir) if args.out_dir else None)
     print(f"saved {path}")
     return results

@@ -208,7 +208,8 @@ def test_bench_decoders_runs_on_cpu(tmp_path):
     from bench.bench_decoders import main as bench
 
     results = bench(["--height", "2", "--width", "2", "--chunks", "1", "--out-dir", str(tmp_path)])
-    assert {r["frames_per_chunk"] for r in results["decoders"].values()} == {12}  # a steady-state chunk of 3
-    assert results["decoders"]["tiny"]["decoder_params"] == sum(int(torch.tensor(s).prod()) for s in PUBLISHED.values())
+    rows = {r["decoder"]: r for r in results["decoders"]}
+    assert {r["frames_per_chunk"] for r in rows.values()} == {12}  # a steady-state chunk of 3
+    assert rows["tiny"]["decoder_params"] == sum(int(torch.tensor(s).prod()) for s in PUBLISHED.values())
     record = json.loads(next(tmp_path.glob("bench_decoders-cpu-*.json")).read_text())
     assert record["wan_vae_over_tiny"] > 0 and {"device", "commit", "date", "command"} <= record.keys()
