@@ -15,9 +15,10 @@ The decoder is a flat sequence (indices are the parameter names of `taew2_1.pth`
 
 Convolutions are 3x3 per frame. Time enters in two places only: a memory block sees each frame's input beside the
 previous frame's input (zeros before the first frame), and a temporal grow maps each frame to `stride` frames with a
-1x1 convolution to `stride` x channels. So F latent frames give 4F frames; the first 3 depend on the zero start-up
-state and are dropped, leaving 1 + 4(F-1) frames: the Wan VAE's count, and the count the pipeline plans with
-(`temporal_factor` 4). In a stream the first chunk of f latent frames gives 4f - 3 frames, every later one 4f.
+1x1 convolution to `stride` x channels. So F latent frames give 4F frames; the first 3 come from the zero start-up
+state and are dropped (as TAEHV's own `decode_video` and flashdreams do), leaving 1 + 4(F-1) frames: the Wan VAE's
+count, and the count the pipeline plans with (`temporal_factor` 4, `sfpp.video.num_latent_frames`). In a stream
+the first chunk of f latent frames gives 4f - 3 frames, every later one 4f.
 
 Streaming carries one frame per memory block (its last input) between chunks; inside a chunk every layer runs on all
 its frames at once. Decoding in any chunks therefore equals decoding the whole video at once.
