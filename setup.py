@@ -1,6 +1,6 @@
 """sfpp's install. The CUDA C++ ops (csrc/, built through CMakeLists.txt into sfpp/_cuda_ops) are compiled when nvcc,
 cmake and pybind11 are present and skipped with a message otherwise; SFPP_BUILD_CUDA=1 forces the build (failing
-loudly), SFPP_BUILD_CUDA=0 skips it. SFPP_CUDA_ARCHS picks the architectures (default "80;90")."""
+loudly), SFPP_BUILD_CUDA=0 skips it. SFPP_CUDA_ARCHS picks the architectures (default "80;90a")."""
 
 import os
 import shutil
@@ -44,7 +44,7 @@ class CMakeBuild(build_ext):
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
-        archs = os.environ.get("SFPP_CUDA_ARCHS", "80;90")
+        archs = os.environ.get("SFPP_CUDA_ARCHS", "80;90a")
         configure = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
