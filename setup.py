@@ -60,7 +60,7 @@ setup(
     description="Streaming autoregressive video diffusion: Self-Forcing++ on a Wan2.1 DiT",
     python_requires=">=3.10",
     packages=find_packages(include=["sfpp", "sfpp.*", "kernels", "kernels.*", "train", "train.*", "bench", "bench.*"]),
-    package_data={"sfpp": ["assets/**/*"]},
+    package_data={"sfpp": ["assets/**/*", "dispatch_table.json"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av"],
     extras_require={
         # triton: the kernels' CPU tests run them in Triton's interpreter; pybind11/cmake: the CUDA build test

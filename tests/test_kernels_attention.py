@@ -88,15 +88,31 @@ def test_ring_attention_matches_reference_over_fill_levels_and_wraps(dtype, wind
         cache.advance(n)
 
 
-@pytest.mark.parametrize("tile", ["hopper", "ampere", "small"])
+def rows_contiguous(x):
+    """x [B, N, H, D] in the fp8 cache's V layout (rows contiguous, as `RingKVCache` stores an fp8 V)."""
+    out = torch.empty(x.shape[0], *x.shape[2:], x.shape[1], dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    out.view(torch.uint8).copy_(x.view(torch.uint8))
+    return out
+
+
+@pytest.mark.parametrize("tile", ["hopper", "hopper_fp8", "ampere", "small"])
 def test_ring_attention_production_tiles(tile):
-    """The GPU tile configurations (several query blocks, full key tiles and a ragged one), head dim 128, bf16."""
+    """The GPU tile configurations (several query blocks, full key tiles and a ragged one), head dim 128, bf16 and
+    fp8 K/V."""
     g = torch.Generator(DEVICE).manual_seed(3)
     batch, lq, heads, d, rows = 1, 150, 2, 128, 300
     q = torch.randn(batch, lq, heads, d, generator=g, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(batch, 400, heads, d, generator=g, device=DEVICE, dtype=torch.bfloat16) for _ in "kv")
-    k[:, rows:], v[:, rows:] = float("nan"), float("nan")
     valid = torch.tensor(rows, device=DEVICE)
+    ref = ring_attention_ref(q.double(), k.double(), v.double(), rows)
+    if tile == "hopper_fp8":
+        (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
+        k8[:, rows:], v8[:, rows:] = float("nan"), float("nan")
+        out = ring_attention(q, k8, rows_contiguous(v8), valid, ks, vs, tile=TILES[tile])
+        rms = ref.pow(2).mean().sqrt().item()
+        assert (out.double() - ref).pow(2).mean().sqrt().item() < 0.07 * rms
+        return
+    k[:, rows:], v[:, rows:] = float("nan"), float("nan")
     out = ring_attention(q, k, v, valid, tile=TILES[tile])
     check_close(out, q, k, v, rows)
 

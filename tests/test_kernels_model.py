@@ -3,6 +3,7 @@ ring wrap-arounds with sinks; and the ops are proper torch.library custom ops (s
 
 import ast
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,22 @@ def test_backend_resolution(monkeypatch, tmp_path):
         assert ops.load_dispatch_table(table)["NVIDIA H200"]["ring_attention"]["backend"] == "torch"
     finally:
         ops.load_dispatch_table.cache_clear()
+
+
+def test_ring_attention_benchmark_records_its_choice(monkeypatch, tmp_path):
+    """At the steady state (largest window), the faster of Triton's best tile and the torch backend, per K/V dtype."""
+    from bench.bench_ring_attention import record_dispatch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    timings = [("triton-bf16-hopper", 21, 2.0), ("triton-bf16-small", 21, 3.0), ("torch", 21, 2.5),
+               ("triton-fp8-hopper_fp8", 21, 3.0), ("torch-fp8", 21, 2.9), ("torch", 3, 0.01)]  # fmt: skip
+    rows = [{"provider": p, "window": w, "ms": ms} for p, w, ms in timings]
+    table = tmp_path / "dispatch_table.json"
+    chosen = record_dispatch(rows, torch.device("cuda"), table)
+    assert chosen == {"ring_attention": "triton", "ring_attention:fp8": "torch"}
+    entry = json.loads(table.read_text())["NVIDIA H200"]["ring_attention"]
+    assert entry["tile"] == "hopper" and entry["ms"] == {"triton": 2.0, "torch": 2.5} and entry["window"] == 21
+    assert entry["commit"] and entry["command"].startswith("python -m bench.bench_ring_attention")
 
 
 def _module_imports(path: Path) -> set[str]:
