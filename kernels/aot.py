@@ -58,7 +58,7 @@ class Case:
     op: str
     arch: int
     shape: Shape
-    variant: str  # "bf16", "fp8" (K/V cache), "x-transposed" (adaLN input layout) ...
+    variant: str  # "bf16", "fp8" (K/V cache), "fp32", "x-transposed" (adaLN input layout) ...
 
     @property
     def name(self) -> str:
@@ -71,6 +71,8 @@ def cases() -> list[Case]:
         for shape in SHAPES:
             kv_dtypes = ("bf16", "fp8") if arch >= 89 else ("bf16",)  # Triton has no e4m3 before sm_89
             out += [Case("ring_attention", arch, shape, kv) for kv in kv_dtypes]
+            if shape is SHAPES[0]:  # fp32 through the same launcher (no tensor cores: the small tile)
+                out.append(Case("ring_attention", arch, shape, "fp32"))
             out += [Case("cache_write", arch, shape, kv) for kv in kv_dtypes]
             out += [Case("adaln_modulate", arch, shape, layout) for layout in ("x-contiguous", "x-transposed")]
     return out
@@ -118,11 +120,11 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
     s, fp8 = case.shape, case.variant == "fp8"
     cfg = WanConfig(dim=s.heads * s.head_dim, num_heads=s.heads, num_layers=1)
     tokens = s.chunk_frames * s.frame_tokens
-    bf16 = torch.bfloat16
+    dtype = torch.float32 if case.variant == "fp32" else torch.bfloat16  # the compute dtype
 
     def cache() -> RingKVCache:
-        kv_dtype = torch.float8_e4m3fn if fp8 else bf16
-        return RingKVCache(cfg, batch_size=1, frame_tokens=s.frame_tokens, window=s.window, dtype=bf16,
+        kv_dtype = torch.float8_e4m3fn if fp8 else dtype
+        return RingKVCache(cfg, batch_size=1, frame_tokens=s.frame_tokens, window=s.window, dtype=dtype,
                            kv_dtype=kv_dtype)  # fmt: skip
 
     if case.op == "ring_attention":
@@ -132,7 +134,7 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
         c.frames_done = s.window - s.chunk_frames  # a full ring (fill level does not change the launch)
         c.chunk_start.fill_(c.frames_done)
         plan = c.plan(1, s.chunk_frames, s.frame_tokens)
-        q = torch.empty(1, tokens, s.heads, s.head_dim, dtype=bf16)
+        q = torch.empty(1, tokens, s.heads, s.head_dim, dtype=dtype)
         return mod._ring_attention_kernel, lambda: mod.ring_attention(q, *c.layer(0)[:2], plan.valid_rows,
                                                                         *c.layer(0)[2:])  # fmt: skip
     if case.op == "cache_write":
@@ -140,8 +142,8 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
 
         c = cache()
         plan = c.plan(1, s.chunk_frames, s.frame_tokens)
-        q, k, v = (torch.empty(1, tokens, cfg.dim, dtype=bf16) for _ in "qkv")
-        norms = [torch.ones(cfg.dim, dtype=bf16) for _ in "qk"]
+        q, k, v = (torch.empty(1, tokens, cfg.dim, dtype=dtype) for _ in "qkv")
+        norms = [torch.ones(cfg.dim, dtype=dtype) for _ in "qk"]
         args = (q, k, v, *norms, *rope_table(cfg), plan.frame_pos, plan.token_index, *c.layer(0))
         return mod._cache_write_kernel, lambda: mod.cache_write(*args, s.height, s.width, cfg.rope_split, cfg.eps)
     if case.op == "adaln_modulate":
@@ -151,7 +153,7 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
         if case.variant == "x-transposed":  # block 0 gets the patch embedding's transposed view
             x = torch.empty(1, cfg.dim, tokens).transpose(1, 2)
         shift, scale = (torch.empty(1, s.chunk_frames, 1, cfg.dim) for _ in "ab")
-        return mod._kernel, lambda: mod.adaln_modulate(x, shift, scale, cfg.eps, bf16)
+        return mod._kernel, lambda: mod.adaln_modulate(x, shift, scale, cfg.eps, dtype)
     raise ValueError(f"unknown op {case.op!r}")
 
 

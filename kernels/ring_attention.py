@@ -52,16 +52,17 @@ TILES = {
     "hopper": Tile(128, 128, 8, 2),  # 16-bit K/V, D <= 128: two warpgroups of 64 query rows
     "hopper_fp8": Tile(128, 128, 8, 3),  # fp8 K/V tiles are half the bytes: one more in flight
     "ampere": Tile(128, 64, 8, 3),  # mma.sync: register-bound, so narrower key tiles, deeper pipeline
-    "small": Tile(64, 64, 4, 2),  # few queries (the toy model's 48 per chunk) or small head dims
+    "small": Tile(64, 64, 4, 2),  # few queries (the toy model's 48 per chunk), small head dims, fp32
     "interpreter": Tile(16, 16, 4, 1),  # CPU tests: many tiles and ragged ends at small sizes
 }
 
 
-def tile_for(arch: int | None, head_dim: int, num_queries: int, fp8: bool) -> Tile:
-    """The tile for one launch: `arch` is the GPU's compute capability as 90, 80, ... (None: the interpreter)."""
+def tile_for(arch: int | None, head_dim: int, num_queries: int, dtype: torch.dtype, fp8: bool) -> Tile:
+    """The tile for one launch: `arch` is the GPU's compute capability as 90, 80, ... (None: the interpreter);
+    dtype the compute dtype (fp32 tiles are twice the bytes and take no tensor-core path: the small tile)."""
     if arch is None:
         return TILES["interpreter"]
-    if num_queries <= 64 or head_dim < 64:
+    if num_queries <= 64 or head_dim < 64 or dtype == torch.float32:
         return TILES["small"]
     if arch >= 90:
         return TILES["hopper_fp8"] if fp8 else TILES["hopper"]
@@ -222,7 +223,7 @@ def ring_attention(
     out = torch.empty_like(q) if out is None else out
     if lq == 0:
         return out
-    tile = tile or tile_for(_device.arch(q.device), d, lq, fp8)
+    tile = tile or tile_for(_device.arch(q.device), d, lq, q.dtype, fp8)
     grid = (triton.cdiv(lq, tile.block_m), batch * heads)
     _ring_attention_kernel[grid](
         q, k_cache, v_cache, k_scale, v_scale, valid_rows, out,

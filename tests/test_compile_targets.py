@@ -95,7 +95,9 @@ def tile_copies(loop: str) -> int:
     return len(cp_async) + len(re.findall(r"ttng\.async_tma_copy_global_to_local", loop))
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.op == "ring_attention"], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.op == "ring_attention" and c.variant != "fp32"], ids=lambda c: c.name
+)
 def test_ring_attention_hot_loop(compiled, case):
     records, folder = compiled
     if not records[case.name]["ok"]:
