@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfpp.attention import block_causal_mask, ring_attention_ref
+from sfpp.attention import block_causal_mask, cache_and_chunk_attention, ring_attention_ref
 
 
 @dataclass(frozen=True)
@@ -428,8 +428,17 @@ class WanModel(nn.Module):
             fused = lambda i: self._fused(cache, i, plan, h, w)
             return self._run(x, t, grid, plan.frame_pos, cache.text_kv, fused, self.kernels)
 
+        # Under autograd (training): the ring is read in place and the chunk's own K/V join with gradients, merged
+        # by log-sum-exp; nothing is written (the no-grad context pass writes the final K/V), nothing copied.
+        earlier = None  # [S*T] ring rows holding frames before this chunk
+        if torch.is_grad_enabled():
+            earlier = ((cache.slot_frame >= 0) & (cache.slot_frame < plan.frame_pos[0])).repeat_interleave(h * w)
+
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                if earlier is not None and (k.requires_grad or v.requires_grad):
+                    kv = cache.layer(i)
+                    return cache_and_chunk_attention(q, kv.k, kv.v, earlier, k, v, h * w)
                 kv = cache.write(i, plan, k, v)
                 return ring_attention_ref(q, kv.k, kv.v, cache.slot_frame, h * w, kv.k_scale, kv.v_scale)
 
