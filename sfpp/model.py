@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sfpp.attention import block_causal_mask, cache_and_chunk_attention, ring_attention_ref
 
@@ -214,6 +215,13 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
+    def text_kv(self, ctx: Tensor) -> Tensor:
+        """Cross-attention K and V [2, B, Lt, dim] (heads not split) of the embedded text [B, Lt, dim]. A method of
+        the block, so that a block sharded on its own by FSDP gathers its weights for it; one new tensor, not views
+        (which FSDP's backward hooks could miss)."""
+        attn = self.cross_attn
+        return torch.stack([attn.norm_k(attn.k(ctx)), attn.v(ctx)])  # [2, B, Lt, dim]
+
     def forward(
         self,
         x: Tensor,
@@ -277,6 +285,7 @@ class WanModel(nn.Module):
         self.head = Head(cfg)
         self._rope: tuple[Tensor, Tensor] | None = None  # fp32 cos/sin tables, built on first use per device
         self.kernels: str | None = None  # `use_kernels`: the sfpp.ops backend of forward_chunk's self-attention
+        self.checkpoint_blocks = False  # training: activation checkpointing per block (forwards with gradients)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -295,11 +304,9 @@ class WanModel(nn.Module):
             )
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])).to(self.dtype)
         ctx = self.text_embedding(context)
-        kvs = []
-        for block in self.blocks:
-            k, v = block.cross_attn.key_value(ctx)
-            kvs.append((k.transpose(1, 2), v.transpose(1, 2)))
-        return kvs
+        heads = self.cfg.num_heads
+        kvs = [block.text_kv(ctx).unflatten(-1, (heads, -1)).transpose(2, 3) for block in self.blocks]
+        return [(kv[0], kv[1]) for kv in kvs]  # [B, H, Lt, D] each
 
     def time_modulation(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """t [B, F] timesteps in [0, 1000] -> e [B, F, dim] and per-block modulation e0 [B, F, 6, dim], fp32."""
@@ -359,7 +366,10 @@ class WanModel(nn.Module):
         e, e0 = self.time_modulation(t)
         rope = self.rope(frame_pos, h, w)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)
+            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+                tokens = checkpoint(block, tokens, e0, rope, text_kv[i], attend(i), kernels, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)
         out = self.head(tokens, e, kernels)  # [B, F*h*w, C*ph*pw]
         return self._unpatchify(out.float(), grid)
 
