@@ -14,7 +14,7 @@ import torch
 
 from sfpp.cache import RingKVCache
 from sfpp.checkpoint import CheckpointError
-from sfpp.model import WanModel, get_config
+from sfpp.model import WanModel
 from sfpp.sampler import FlowMatchSchedule
 from train import rollout as R
 from train.common import Dist, load_checkpoint, save_checkpoint
@@ -251,33 +251,6 @@ def test_unknown_recipe_and_stage():
         get_recipe("nope")
     with pytest.raises(ValueError, match="unknown stage"):
         run_stage("pretrain", get_recipe("smoke"), Path("/nonexistent"), Dist())
-
-
-def test_wan_recipe_builds_and_trains_a_step_at_reduced_size(tmp_path):
-    recipe = get_recipe("wan2.1-1.3b")
-    assert recipe.model == get_config("wan2.1-1.3b") and recipe.horizon == recipe.window == 21
-    with torch.device("meta"):
-        WanModel(recipe.model)  # the full-size model is constructible
-    # The same recipe at a reduced size (a 1-layer DiT of the same structure, 64x64 frames, 3-frame horizon).
-    small = replace(
-        recipe,
-        model=replace(
-            recipe.model,
-            dim=64,
-            ffn_dim=128,
-            num_heads=2,
-            num_layers=1,
-            text_dim=32,
-            text_len=16,
-        ),
-        text=replace(recipe.text, text_dim=32, text_len=16, num_layers=1),
-        frame_size=64,
-        horizon=3,
-        window=3,
-        teacher=replace(recipe.teacher, steps=1, batch_size=1),
-    )
-    history = run_stage("teacher", small, tmp_path, Dist())
-    assert len(history) == 1 and np.isfinite(history[0]["loss"])
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")

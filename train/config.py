@@ -107,10 +107,22 @@ class Recipe:
     log_every: int = 25
     ckpt_every: int = 100
     checkpoint_blocks: bool = True  # activation checkpointing per DiT block in every forward with gradients
+    frame_width: int | None = None  # pixels; None: square frames of frame_size
+    # The real model (`train/wan.py`): teacher = the Wan2.1 DiT in wan_dir (Wan's or diffusers' layout), prompts
+    # from prompt_file encoded once by its umT5, student by ODE init or from a Self-Forcing student_checkpoint.
+    wan: bool = False
+    wan_dir: str | None = None
+    prompt_file: str | None = None
+    student_checkpoint: str | None = None
+    negative_prompt: str = ""  # the unconditional prompt of CFG (Self-Forcing uses Wan's default negative prompt)
 
     @property
     def latent_size(self) -> int:
         return self.frame_size // self.codec_factor
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.frame_size // self.codec_factor, (self.frame_width or self.frame_size) // self.codec_factor
 
 
 TOY_MODEL = WanConfig(
@@ -144,12 +156,15 @@ RECIPES: dict[str, Recipe] = {
         log_every=1,
         ckpt_every=2,
     ),
-    # The real model: Wan2.1-T2V-1.3B at 832x480 (VAE latents 104x60), 21-frame horizon and window, umT5 text.
+    # The real model: Wan2.1-T2V-1.3B at 832x480 (VAE latents 60x104), 21-frame horizon and window, umT5 text;
+    # needs wan_dir and prompt_file (python -m train all --recipe wan2.1-1.3b --wan-dir DIR --prompts FILE).
     "wan2.1-1.3b": Recipe(
         "wan2.1-1.3b",
         get_config("wan2.1-1.3b"),
-        ByteTextEncoderConfig(text_dim=4096, text_len=512),
+        ByteTextEncoderConfig(text_dim=4096, text_len=512),  # unused: umT5 encodes the prompts
         frame_size=480,
+        frame_width=832,
+        wan=True,
         codec_factor=8,
         fps=16,
         horizon=21,

@@ -88,7 +88,12 @@ class Stage:
     def __init__(self, recipe: Recipe, out: Path, env: Dist) -> None:
         self.recipe, self.out, self.env = recipe, Path(out), env
         self.dir = self.out / self.name
-        self.codec = world_codec(recipe)
+        if recipe.wan:
+            from train.wan import VAEFrames
+
+            self.codec = VAEFrames(recipe, env.device)  # pixels only where needed: GRPO's reward
+        else:
+            self.codec = world_codec(recipe)
         self.schedule = FlowMatchSchedule()
         # Two random streams. `generator` differs per rank: noise, data, noise levels. `shared` is seeded the same on
         # every rank and draws everything that decides how many forward passes a step makes (window starts, exit
@@ -123,11 +128,19 @@ class Stage:
         return self.env.device
 
     def frozen_text(self) -> ByteTextEncoder:
+        if self.recipe.wan:
+            from train.wan import PromptTable
+
+            return PromptTable(self.out, self.device)
         text = ByteTextEncoder(self.recipe.text)
         load_module(text, self.out / "teacher" / "final" / "text.safetensors")
         return text.to(self.device).eval().requires_grad_(False)
 
     def frozen_teacher(self) -> WanModel:
+        if self.recipe.wan:
+            from train import wan
+
+            return wan.teacher(self.recipe, self.device)
         teacher = load_module(WanModel(self.recipe.model), self.out / "teacher" / "final" / "teacher.safetensors")
         return teacher.to(self.device).eval().requires_grad_(False)
 
@@ -136,7 +149,14 @@ class Stage:
         return model.to(self.device)
 
     def encode(self, text: ByteTextEncoder, prompts: list[str]) -> Tensor:
+        if self.recipe.wan:
+            return text.lookup(prompts)
         return text(text.tokenize(prompts).to(self.device))
+
+    def prompts(self, step: int, batch: int, salt: int) -> list[str]:
+        """This rank's prompts for a step: the world's (toy), or the prompt file's (Wan)."""
+        seeds = data_seeds(step, self.env.rank, self.env.world_size, batch, salt)
+        return self.text.pick(seeds) if self.recipe.wan else world_prompts(seeds)
 
     def world_batch(self, step: int, batch: int, frames: int) -> tuple[Tensor, list[str]]:
         seeds = data_seeds(step, self.env.rank, self.env.world_size, batch, self.salt)
@@ -144,11 +164,12 @@ class Stage:
         return self.codec.encode(video).to(self.device), prompts
 
     def chunk_shape(self, batch: int) -> tuple[int, ...]:
-        s = self.recipe.latent_size
-        return (batch, self.recipe.model.in_channels, self.recipe.frames_per_chunk, s, s)
+        h, w = self.recipe.latent_hw
+        return (batch, self.recipe.model.in_channels, self.recipe.frames_per_chunk, h, w)
 
     def new_cache(self, model: WanModel, batch: int, ctx: Tensor) -> RingKVCache:
-        tokens = (self.recipe.latent_size // model.cfg.patch_size[1]) ** 2
+        h, w = self.recipe.latent_hw
+        tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
         cache = RingKVCache(
             model.cfg, batch_size=batch, frame_tokens=tokens, window=self.recipe.window, device=self.device
         )
@@ -325,6 +346,13 @@ class ODEStage(Stage):
         cfg = self.recipe.ode
         self.total_steps = cfg.steps
         self.text = self.frozen_text()
+        if self.recipe.student_checkpoint:  # a Self-Forcing student replaces the ODE initialisation
+            from train import wan
+
+            self.total_steps = 0
+            self.models = {"student": shard(self.trainable(wan.student_init(self.recipe, self.device)), self.env)}
+            self.optimizers = {}
+            return
         teacher = self.frozen_teacher()
         self.trajectories = self._trajectories(teacher)
         student = WanModel(self.recipe.model)
@@ -345,10 +373,10 @@ class ODEStage(Stage):
         batch = max(1, min(32, count))
         for i in range(0, count, batch):
             n = min(batch, count - i)
-            p = world_prompts(data_seeds(i, env.rank, env.world_size, n, 99))
-            shape = (n, *self.chunk_shape(1)[1:2], self.recipe.horizon, *self.chunk_shape(1)[3:])
+            p = self.prompts(i, n, 99)
+            shape = (n, self.recipe.model.in_channels, self.recipe.horizon, *self.recipe.latent_hw)
             noise = R.randn(shape, gen, self.device)
-            ctx, unc = self.encode(self.text, p), self.encode(self.text, [""] * n)
+            ctx, unc = self.encode(self.text, p), self.encode(self.text, [self.recipe.negative_prompt] * n)
             x0, xs = R.teacher_ode(
                 teacher, noise, ctx, unc, guidance=cfg.guidance, steps=cfg.euler_steps, shift=self.schedule.shift
             )
@@ -448,8 +476,8 @@ class DMDStage(Stage):
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        prompts = world_prompts(data_seeds(step, self.env.rank, self.env.world_size, cfg.batch_size, 5))
-        uncond = self.encode(self.text, [""] * len(prompts))
+        prompts = self.prompts(step, cfg.batch_size, 5)
+        uncond = self.encode(self.text, [self.recipe.negative_prompt] * len(prompts))
         sigma = R.sample_sigma(len(prompts), self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
         losses = {}
         if step % cfg.critic_per_gen == 0:  # generator update
@@ -503,7 +531,7 @@ class GRPOStage(Stage):
 
     def step(self, step: int) -> dict[str, float]:
         cfg, policy = self.recipe.grpo, self.models["policy"]
-        prompts = world_prompts(data_seeds(step, self.env.rank, self.env.world_size, cfg.prompts_per_step, 6))
+        prompts = self.prompts(step, cfg.prompts_per_step, 6)
         prompts = [p for p in prompts for _ in range(cfg.group_size)]  # [P * G]
         ctx = self.encode(self.text, prompts)
         cache = self.new_cache(policy, len(prompts), ctx)
@@ -549,6 +577,11 @@ STAGE_CLASSES = {
 def run_stage(name: str, recipe: Recipe, out: Path, env: Dist, stop_after: int | None = None) -> list[dict]:
     if name not in STAGE_CLASSES:
         raise ValueError(f"unknown stage {name!r}; choose from {list(STAGE_CLASSES)}")
+    if recipe.wan and name == "teacher":  # the teacher is Wan2.1 itself: this stage only encodes the prompts
+        from train import wan
+
+        wan.prepare(recipe, Path(out), env)
+        return []
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     return STAGE_CLASSES[name](recipe, out, env).run(stop_after=stop_after)
