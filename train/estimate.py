@@ -6,9 +6,11 @@ Measured at the small size (CPU, one process): the DiT forwards a step makes (wh
 without gradients, and their tokens), the activation bytes autograd saves for each backward (the largest), and the
 static state (weights, gradients, AdamW moments, EMA, KV ring and its window snapshot). Scaled to 1.3B: activations
 per token, layer and model width carry over linearly (measured per block with checkpointing off, then the
-checkpointed figure: one block's activations plus every block's input); FLOPs per forward are 2 x params x tokens
-plus attention; time assumes 40% of an H100's dense bf16 peak (989 TFLOP/s) and ignores communication. All 1.3B
-figures are estimates, not measurements: nothing here ran on a GPU.
+checkpointed figure: one block's activations plus every block's input). Everything is fp32, as the stages run today
+(weights, AdamW state, the frozen teacher, the KV ring and, for `extended`, its window-start snapshot). FLOPs per
+forward are 2 x params x tokens plus attention over the 21-frame ring; time assumes 40% of an H100's dense bf16 peak
+(989 TFLOP/s, i.e. as if the matmuls ran in bf16/TF32) and ignores communication. All 1.3B figures are estimates,
+not measurements: nothing here ran on a GPU.
 """
 
 from __future__ import annotations
@@ -176,14 +178,14 @@ def scale_to_wan(measured: dict) -> str:
             replay = f"{gen / 2**30:.0f} / {gen_ckpt / 2**30:.1f} GiB"
         trained = {"teacher": 1, "ode": 1, "dmd": 2, "extended": 2, "grpo": 1}[name]
         frozen = {"teacher": 0, "ode": 1, "dmd": 1, "extended": 1, "grpo": 0}[name]
-        ring = 2 * WAN.num_layers * WAN_WINDOW * WAN_FRAME_TOKENS * WAN.dim * 2  # bf16 K and V
+        ring = 2 * WAN.num_layers * WAN_WINDOW * WAN_FRAME_TOKENS * WAN.dim * 4  # fp32 K and V, as the stages keep it
         ring *= 2 if name == "extended" else 1  # + the window-start snapshot
         ring *= 0 if name in ("teacher", "ode") else 1
         statics = []
         for gpus in (1, 8):
-            # fp32 master weights + grads + 2 AdamW moments (+ EMA for the generator), sharded; frozen bf16 teacher
+            # fp32 weights + grads + 2 AdamW moments (+ EMA for the generator), sharded; the frozen fp32 teacher whole
             trained_bytes = trained * p_wan * 16 + (p_wan * 4 if name in ("dmd", "extended") else 0)
-            statics.append((trained_bytes / gpus + frozen * p_wan * 2 + ring) / 2**30)
+            statics.append((trained_bytes / gpus + frozen * p_wan * 4 + ring) / 2**30)
         tokens_wan = {k: v * token_ratio * (frame_ratio if k.startswith("forward") and name in ("teacher", "ode")
                                              else 1) for k, v in t.items()}  # fmt: skip
         if name == "extended":  # the measured rollout was 24 of 6-frame windows; the recipe rolls out N=400 of 21
