@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()  # free the sharded modules (and their device mesh) while the group still exists
         dist.barrier()
         dist.destroy_process_group()
-    if env.is_main and recipe.wan and args.command in ("eval", "ship"):
+    if env.is_main and recipe.wan and args.command in ("eval", "ship", "all"):
         info(env, f"{args.command} is for the toy world; the Wan students are {out}/extended/final/ema.safetensors "
              "and grpo/final/policy.safetensors (Pipeline.from_pretrained(wan_dir, checkpoint=...))")  # fmt: skip
     elif env.is_main:

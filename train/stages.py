@@ -551,7 +551,10 @@ class GRPOStage(Stage):
                 cache.set_text(policy.text_kv(ctx))
             for c, chunk in enumerate(record):  # backward per chunk, before its context pass: no graph in the ring
                 R._gradient_sync(policy, c == len(record) - 1)
-                ratio = torch.exp(R.replay_logp(policy, cache, chunk, self.schedule) - chunk["logp"])  # [B, T-1]
+                # Log-probabilities are sums over ~10^5 dimensions (eq. 7): a log-ratio can reach hundreds after one
+                # update. Beyond e^20 the ratio is held (no gradient) instead of overflowing to inf and NaN.
+                log_ratio = R.replay_logp(policy, cache, chunk, self.schedule) - chunk["logp"]  # [B, T-1]
+                ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
                 adv = advantages[:, None]
                 objective = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
                 loss = -objective.mean() / len(record)
