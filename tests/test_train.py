@@ -20,7 +20,7 @@ from train import rollout as R
 from train.common import Dist, load_checkpoint, save_checkpoint
 from train.config import DMDConfig, get_recipe
 from train.metrics import fidelity, no_repeat, smoothness_reward
-from train.stages import DMDStage, ExtendedDMDStage, TeacherStage, run_stage, world_codec
+from train.stages import SHARED_STREAM, DMDStage, ExtendedDMDStage, TeacherStage, run_stage, world_codec
 from train.world import render, render_batch, sample_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def _draws(stage_cls, recipe, rank, n=20):
     stage = object.__new__(stage_cls)
     stage.recipe, stage.schedule, stage.draws = recipe, FlowMatchSchedule(), []
     stage.env = Dist(rank=rank, world_size=2)
-    stage.shared = torch.Generator().manual_seed(recipe.seed * 1000 + stage.salt + 7919 * 4099)
+    stage.shared = torch.Generator().manual_seed(recipe.seed * 1000 + stage.salt + 7919 * SHARED_STREAM)
     return [stage.draw_window() for _ in range(n)]
 
 

@@ -47,6 +47,7 @@ from train.metrics import smoothness_reward
 from train.world import render_batch, sample_spec
 
 STAGES = ("teacher", "ode", "dmd", "extended", "grpo")
+SHARED_STREAM = 4099  # seeds the generator every rank shares, as if it were a rank no run has
 
 
 def world_codec(recipe: Recipe) -> PatchPCACodec:
@@ -100,7 +101,7 @@ class Stage:
         # and restart steps): under FSDP each of those passes is a collective per block, so ranks that drew
         # differently would pair up wrong all-gathers and hang.
         self.generator = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * env.rank)
-        self.shared = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * 4099)
+        self.shared = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * SHARED_STREAM)
         self.draws: list[tuple] = []  # every shared draw made, compared across ranks at the end
         self.history: list[dict[str, float]] = []
         self.models: dict[str, nn.Module] = {}  # checkpointed, sharded
