@@ -156,18 +156,14 @@ class RingKVCache(nn.Module):
         return ChunkPlan(frame_pos, token_index, valid_rows, valid_rows_host)
 
     def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> LayerKV:
-        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots; return the layer's K/V to attend over.
-
-        In place, except under autograd (training rollouts): then the write goes to a copy, so the context pass
-        that later overwrites these slots cannot clobber tensors saved for the backward pass. An fp8 cache stores
-        the chunk quantized per token and head, with its scales."""
+        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots, in place; return the layer's K/V to attend
+        over. An fp8 cache stores the chunk quantized per token and head, with its scales. (Forwards with gradients
+        write nothing: `WanModel.forward_chunk` attends to the ring and the chunk's own K/V in two parts.)"""
         rows = [(self.k, k), (self.v, v)]
         if self.fp8:
             (k, ks), (v, vs) = quantize_fp8(k), quantize_fp8(v)
             rows = [(self.k, k), (self.v, v), (self.k_scale, ks), (self.v_scale, vs)]
-        rows = [(buf[layer], x.to(buf.dtype)) for buf, x in rows]
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return LayerKV(*[buf.index_copy(1, plan.token_index, x) for buf, x in rows], *[None] * (4 - len(rows)))
+        rows = [(buf[layer], x.detach().to(buf.dtype)) for buf, x in rows]
         for buf, x in rows:
             if buf.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernel on every device: copy the bytes
                 buf, x = buf.view(torch.uint8), x.view(torch.uint8)
