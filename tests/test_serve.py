@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -260,6 +261,32 @@ def test_slow_viewer_drops_frames_and_memory_stays_bounded():
     assert 0.5 * fps <= len(fast.frames) <= 1.2 * fps, f"{len(fast.frames)} frames in 1 s of a {fps} fps video"
 
 
+class FailingPipe:
+    def stream(self, prompt, **kwargs):
+        raise ValueError(f"prompt {prompt!r} is not allowed here")
+        yield
+
+
+def test_a_pipeline_error_reaches_the_viewer():
+    viewer = RecordingViewer(send_s=0)
+    sent = []
+
+    async def send_json(data) -> None:
+        sent.append(data)
+
+    viewer.send_json = send_json
+
+    async def main_() -> None:
+        session = StreamSession(FailingPipe(), {}, asyncio.get_running_loop())
+        session.start("boom", 0)
+        await asyncio.wait_for(play(session, viewer, 8), 10)
+        await session.done
+
+    asyncio.run(main_())
+    assert sent == [{"type": "stopped", "reason": "error", "message": "ValueError: prompt 'boom' is not allowed here"}]
+    assert viewer.frames == []
+
+
 def test_default_length_is_the_longest_the_pipeline_accepts(pipe):
     longest = _stream_length(pipe)["num_frames"]
     assert next(iter(pipe.stream(PROMPT, num_frames=longest, seed=0, progress=False))).shape[1] == 3
@@ -272,6 +299,16 @@ def test_cli_rejects_a_bad_port(capsys):
         main(["serve", "--port", "70000"])
     assert exc.value.code == 2
     assert "port must be an integer in 0..65535" in capsys.readouterr().err
+
+
+def test_cli_reports_a_port_in_use(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"sfpp: error: cannot listen on 127.0.0.1:{port}" in err and "address already in use" in err, err
 
 
 class ServerProcess:
