@@ -1,7 +1,7 @@
 """Block-causal attention: the full-sequence mask and attention over the ring-buffer KV cache.
 
-The torch reference below defines what ring attention means; `sfpp.ops.ring_attention` dispatches it to the Triton
-and CUDA kernels of the same signature (the one dispatch point, chosen per model by `WanModel.use_kernels`).
+The torch function below defines what ring attention means and is the torch backend of `sfpp.ops.ring_attention`,
+which dispatches to the Triton kernel (`kernels/ring_attention.py`) as chosen per model by `WanModel.use_kernels`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sfpp.fp8 import dequantize_fp8
 
 
 def block_causal_mask(
@@ -42,25 +44,24 @@ def ring_attention_ref(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    slot_frame: Tensor,
-    frame_tokens: int,
+    valid_rows: int,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
 ) -> Tensor:
-    """Attention of the current chunk over everything the ring cache holds.
+    """Attention of the current chunk over everything the ring cache holds: its first `valid_rows` rows.
 
-    q [B, Lq, H, D] (RoPE applied); k_cache/v_cache [B, S*T, H, D] with S frame slots of T tokens, the current
-    chunk already written; slot_frame [S] the absolute frame in each slot, -1 where empty. The cache holds exactly
-    the frames the chunk may see (sinks, then the window ending with the chunk), so validity is the only mask.
-    Slots are in ring order, not time order: attention does not care, since positions live in the RoPE of K.
-    An fp8 cache comes with per-token-per-head scales k_scale/v_scale [B, S*T, H]: K = k_cache * k_scale.
+    q [B, Lq, H, D] (RoPE applied); k_cache/v_cache [B, S*T, H, D], the current chunk already written. Slots fill
+    in order, so the valid rows are a prefix (`ChunkPlan.valid_rows_host`), in ring order rather than time order:
+    attention does not care, since positions live in the RoPE of K. SDPA over that prefix with no mask, so the
+    flash / cuDNN / memory-efficient backends apply; a host int keeps the shapes static per fill level. An fp8
+    cache comes with per-token-per-head scales k_scale/v_scale [B, S*T, H]: K = k_cache * k_scale.
     """
+    if not 0 < valid_rows <= k_cache.shape[1]:
+        raise ValueError(f"valid_rows must be in [1, {k_cache.shape[1]}] (the cache rows), got {valid_rows}")
+    k, v = k_cache[:, :valid_rows], v_cache[:, :valid_rows]
     if k_scale is not None:
-        k_cache = (k_cache.float() * k_scale[..., None]).to(q.dtype)
+        k = dequantize_fp8(k, k_scale[:, :valid_rows], q.dtype)
     if v_scale is not None:
-        v_cache = (v_cache.float() * v_scale[..., None]).to(q.dtype)
-    valid = (slot_frame >= 0).repeat_interleave(frame_tokens)  # [S*T]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), attn_mask=valid[None, None, None, :]
-    )
+        v = dequantize_fp8(v, v_scale[:, :valid_rows], q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)

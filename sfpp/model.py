@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sfpp import ops
 from sfpp.attention import block_causal_mask, ring_attention_ref
 
 
@@ -166,8 +167,6 @@ class FusedAttend:
         self.height, self.width, self.backend = height, width, backend
 
     def __call__(self, attn: Attention, h: Tensor) -> Tensor:  # h [B, L, dim] -> [B, L, H, D]
-        from sfpp import ops
-
         cfg, cache, plan = self.model.cfg, self.cache, self.plan
         kv = cache.layer(self.layer)
         q = ops.cache_write(
@@ -175,8 +174,9 @@ class FusedAttend:
             plan.frame_pos, plan.token_index, *kv, self.height, self.width, cfg.rope_split, cfg.eps,
             backend=self.backend,
         )  # fmt: skip
-        tokens = self.height * self.width
-        return ops.ring_attention(q, kv.k, kv.v, cache.slot_frame, tokens, kv.k_scale, kv.v_scale, backend=self.backend)
+        return ops.ring_attention(
+            q, kv.k, kv.v, plan.valid_rows, plan.valid_rows_host, kv.k_scale, kv.v_scale, backend=self.backend
+        )
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -192,8 +192,6 @@ def _norm_modulate(
     fused op."""
     if kernels is None:
         return _modulate(norm(x), shift, scale).to(dtype)
-    from sfpp import ops
-
     return ops.adaln_modulate(x, shift, scale, norm.eps, dtype, backend=kernels)
 
 
@@ -431,7 +429,7 @@ class WanModel(nn.Module):
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 kv = cache.write(i, plan, k, v)
-                return ring_attention_ref(q, kv.k, kv.v, cache.slot_frame, h * w, kv.k_scale, kv.v_scale)
+                return ring_attention_ref(q, kv.k, kv.v, plan.valid_rows_host, kv.k_scale, kv.v_scale)
 
             return fn
 
