@@ -61,13 +61,14 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sfpp", "sfpp.*", "kernels", "kernels.*", "train", "train.*", "bench", "bench.*"]),
     package_data={"sfpp": ["assets/**/*", "dispatch_table.json"]},
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av"],
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av", "aiohttp>=3.9"],  # aiohttp: sfpp serve
     extras_require={
         # triton: the kernels' CPU tests run them in Triton's interpreter; pybind11/cmake: the CUDA build test
         "test": [
             *["pytest", "diffusers>=0.35", "transformers", "ruff", "pytest-benchmark", "tokenizers"],
             *["triton", "pybind11", "cmake"],
             *["opencv-python-headless", "matplotlib"],  # the training stack's smoke tests
+            "playwright",  # drives a system Chromium in sfpp serve's browser test (never downloads browsers)
         ],
         "gpu": ["triton", "pybind11"],
         "train": ["opencv-python-headless", "matplotlib"],  # optical flow (reward, metrics), evaluation plots

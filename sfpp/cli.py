@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sfpp import serve
 from sfpp.model import CONFIGS
 from sfpp.pipeline import DTYPES, Pipeline, StreamSettings
 from sfpp.video import export_to_video
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    serve.add_parser(sub)
     return parser
 
 
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args)
         if args.command == "bench":
             return bench(argv[1:])
+        if args.command == "serve":
+            return serve.run(args)
     except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError) as exc:
         print(f"sfpp: error: {exc}", file=sys.stderr)
         return 2
