@@ -9,12 +9,28 @@ from pathlib import Path
 
 import torch
 
+from sfpp import serve
 from sfpp.model import CONFIGS
 from sfpp.pipeline import DTYPES, Pipeline, StreamSettings
 from sfpp.taehv import TAEHVDecoder
 from sfpp.video import export_to_video
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+
+
+def add_decoder_options(parser: argparse.ArgumentParser) -> None:
+    """--decoder and --decoder-weights, which `_load` reads (sfpp generate, sfpp serve)."""
+    parser.add_argument(
+        "--decoder",
+        choices=["model", "tiny"],
+        default="model",
+        help="latents to pixels: the model's own decoder, or tiny = TAEHV for Wan2.1 latents (fast, preview quality)",
+    )
+    parser.add_argument(
+        "--decoder-weights",
+        metavar="PATH",
+        help="TAEHV weights for --decoder tiny (default: taew2_1.safetensors or taew2_1.pth in the model directory)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,17 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="frame width in pixels, a multiple of 16 (default: the model's)")
     gen.add_argument("--window", type=int, help="KV-cache window in latent frames (default: the model's)")
     gen.add_argument("--sink", type=int, help="latent frames kept as attention sinks (default: the model's)")
-    gen.add_argument(
-        "--decoder",
-        choices=["model", "tiny"],
-        default="model",
-        help="latents to pixels: the model's own decoder, or tiny = TAEHV for Wan2.1 latents (fast, preview quality)",
-    )
-    gen.add_argument(
-        "--decoder-weights",
-        metavar="PATH",
-        help="TAEHV weights for --decoder tiny (default: taew2_1.safetensors or taew2_1.pth in the model directory)",
-    )
+    add_decoder_options(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     bench = sub.add_parser(
         "bench",
@@ -63,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    serve.add_parser(sub)
     return parser
 
 
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args)
         if args.command == "bench":
             return bench(argv[1:])
+        if args.command == "serve":
+            return serve.run(args)
     except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError) as exc:
         print(f"sfpp: error: {exc}", file=sys.stderr)
         return 2

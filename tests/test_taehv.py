@@ -195,10 +195,14 @@ def test_cli(weights_file, tmp_path, capsys):
     assert "tiny decoder weights not found" in capsys.readouterr().err
     assert main(["generate", "-p", "x", "--decoder-weights", str(weights_file), "-o", str(out)]) == 2
     assert "add --decoder tiny" in capsys.readouterr().err
+    # sfpp serve loads its pipeline the same way (it fails here before serving anything).
+    assert main(["serve", "--config", "tiny", "--decoder", "tiny"]) == 2
+    assert "--decoder tiny with --config needs --decoder-weights" in capsys.readouterr().err
     if (DEFAULT_MODEL_DIR / "sfpp_pipeline.json").is_file():
-        assert main(["generate", "-p", "x", "--decoder", "tiny", "-o", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("sfpp: error: TAEHVDecoder decodes latents of 16 channels") and err.count("\n") == 1
+        for command in (["generate", "-p", "x", "-o", str(out)], ["serve"]):
+            assert main([*command, "--decoder", "tiny"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("sfpp: error: TAEHVDecoder decodes latents of 16 channels") and err.count("\n") == 1
 
 
 def test_bench_decoders_runs_on_cpu(tmp_path):
