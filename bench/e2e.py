@@ -2,7 +2,8 @@
 for sfpp's variants and Self-Forcing's inference path, in one run on one device.
 
     sfpp bench                                   # on a GPU: wan2.1-1.3b, 832x480, 4 steps, chunks of 3, window 21
-    sfpp bench --config tiny --height 64 --width 64 --vae-base-dim 8 --chunks 2 --long-frames 12   # CPU smoke
+    sfpp bench --config tiny --height 32 --width 32 --vae-base-dim 8 --frames-per-chunk 2 --window 4 --chunks 1 \
+        --long-frames 8                         # CPU smoke: seconds
 
 Random weights (the time of a step does not depend on their values; nothing to download). The text encoder is not
 on the device: the prompt embedding is made once beforehand, as the offloaded umT5 leaves it. Per variant:
@@ -59,7 +60,7 @@ def _short(dtype: torch.dtype) -> str:
     return next(k for k, v in KV_DTYPES.items() if v == dtype)
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sfpp bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -98,6 +99,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="also write a torch.profiler table of the first variant")
     p.add_argument("--out-dir", default=".", help="folder for the JSON (default: the current directory)")
     p.add_argument("--keep-going", action="store_true", help="exit 0 even when variants fail (they are reported)")
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the device's defaults filled in where not given."""
+    p = parser()
     args = p.parse_args(argv)
     try:
         device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
