@@ -403,20 +403,17 @@ def add_parser(sub) -> None:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", help="model directory (default: the shipped model)")
     model.add_argument("--config", choices=sorted(CONFIGS), help="use RANDOM weights of a named config (for testing)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="DiT precision (default float32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="DiT precision (default: bfloat16 on CUDA, else float32)")
     add_decoder_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfpp.cli import _load
+    from sfpp.cli import _load, check_device
 
-    pipe = _load(args)
-    if pipe.random_weights:
-        print(
-            "WARNING: this model has RANDOM weights (no trained model is installed): the video is noise.",
-            file=sys.stderr,
-        )
+    pipe, random_why = _load(args, check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if random_why:
+        print(f"sfpp: warning: {random_why}: the video is noise.", file=sys.stderr)
     try:
         asyncio.run(serve(pipe, args.host, args.port))
     except OSError as exc:
