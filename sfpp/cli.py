@@ -28,8 +28,9 @@ from sfpp.video import check_output_path, export_to_video
 
 DEFAULT_MODEL_DIR = SHIPPED_MODELS["default"]
 DEFAULT_SECONDS = 5.0
-# CPU threads of `sfpp generate` (--threads): measured with the README's command on the shipped model, one thread
-# generated faster than two on a 2-core machine shared with other work (see the --threads help).
+# CPU threads of `sfpp generate` (--threads). Measured with the README's command on the shipped model on a 2-core
+# machine shared with other work (bench/results/bench_threads-cpu-*.json): two threads were 10% faster when the cores
+# were free, and 20x to 35x slower when other processes held them (median 221 s against 15 s for one thread).
 DEFAULT_CPU_THREADS = 1
 
 
@@ -89,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--threads",
         type=int,
-        help=f"CPU threads for torch (default on a CPU: {DEFAULT_CPU_THREADS}, faster than more for the shipped "
-        "model's small matmuls, by far when other work shares the cores; on CUDA: torch's default)",
+        help=f"CPU threads for torch (default on a CPU: {DEFAULT_CPU_THREADS}: the shipped model's small matmuls gain "
+        "10%% from a second free core and lose up to 35x when other work holds it; on CUDA: torch's default)",
     )
     gen.add_argument(
         "--height",
