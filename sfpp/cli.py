@@ -30,7 +30,7 @@ DEFAULT_MODEL_DIR = SHIPPED_MODELS["default"]
 DEFAULT_SECONDS = 5.0
 # CPU threads of `sfpp generate` (--threads). Measured with the README's command on the shipped model on a 2-core
 # machine shared with other work (bench/results/bench_threads-cpu-*.json): two threads were 10% faster when the cores
-# were free, and 20x to 35x slower when other processes held them (median 221 s against 15 s for one thread).
+# were free, and 12x to 22x slower when other processes held them (median 221 s against 15 s for one thread).
 DEFAULT_CPU_THREADS = 1
 
 
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         help=f"CPU threads for torch (default on a CPU: {DEFAULT_CPU_THREADS}: the shipped model's small matmuls gain "
-        "10%% from a second free core and lose up to 35x when other work holds it; on CUDA: torch's default)",
+        "10%% from a second free core and lose up to 22x when other work holds it; on CUDA: torch's default)",
     )
     gen.add_argument(
         "--height",
