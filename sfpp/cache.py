@@ -4,40 +4,38 @@ Every layer owns S = sink + window frame slots of T tokens. Frame f lives in slo
 else in slot sink + (f - sink) % window: writing a new chunk overwrites the oldest window frames in place, so
 rolling forward costs no copies and memory stays constant however long the video. Positions are device tensors
 updated in place (no `.item()`), so a chunk step can be captured in a CUDA graph and replayed.
+
+Slots fill in order, so the frames a chunk attends over are always the first min(frames so far, sink + window)
+slots: attention reads a prefix of the buffer, never a mask (`ChunkPlan.valid_rows`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from sfpp.model import WanConfig
+from sfpp.fp8 import dequantize_fp8, quantize_fp8
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+if TYPE_CHECKING:
+    from sfpp.model import WanConfig
 
-
-def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token-per-head fp8 e4m3: x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] fp32), x ~ x8 * scale.
-
-    The largest |x| of each row maps to 448, so each row keeps fp8's full relative precision (3 mantissa bits)."""
-    x32 = x.float()
-    scale = x32.abs().amax(-1).clamp_min(1e-12) / FP8_MAX
-    return (x32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
-def dequantize_fp8(x8: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return (x8.float() * scale[..., None]).to(dtype)
+__all__ = ["ChunkPlan", "LayerKV", "RingKVCache", "dequantize_fp8", "quantize_fp8"]
 
 
 class ChunkPlan(NamedTuple):
     frame_pos: Tensor  # [Fc] absolute frame positions of the chunk
     token_index: Tensor  # [Fc*T] cache rows the chunk writes
+    valid_rows: Tensor  # 0-dim long on the device: rows [0, valid_rows) hold the keys the chunk attends over
+    valid_rows_host: int  # the same number on the host (static shapes: one CUDA graph per fill level)
 
 
 class LayerKV(NamedTuple):
-    """One layer's ring as `ring_attention` takes it: k, v [B, S*T, H, D] and, for fp8, scales [B, S*T, H]."""
+    """One layer's ring as `ring_attention` takes it: k, v [B, S*T, H, D] and, for fp8, scales [B, S*T, H].
+
+    An fp8 cache stores V with the rows contiguous (v.stride(1) == 1, physically [B, H, D, S*T]): the layout fp8
+    warpgroup MMA needs for P @ V, whose reduction runs over the rows."""
 
     k: Tensor
     v: Tensor
@@ -59,7 +57,8 @@ class RingKVCache(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         """`kv_dtype=torch.float8_e4m3fn` stores the self-attention K/V in fp8 with per-token-per-head fp32 scales
-        (k_scale/v_scale [num_layers, B, S*T, H]); by default K/V are kept in `dtype`."""
+        (k_scale/v_scale [num_layers, B, S*T, H]) and V rows contiguous (see `LayerKV`); by default K/V are kept
+        in `dtype`."""
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window must be >= 1 and sink >= 0, got window={window}, sink={sink}")
@@ -75,7 +74,13 @@ class RingKVCache(nn.Module):
             raise ValueError(f"kv_dtype must be the cache dtype {dtype} or torch.float8_e4m3fn, got {kv_dtype}")
         self.fp8 = kv_dtype == torch.float8_e4m3fn
         self.register_buffer("k", torch.zeros(kv_shape, dtype=kv_dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(kv_shape, dtype=kv_dtype, device=device), persistent=False)
+        if self.fp8:  # [L, B, H, D, rows padded to 16 bytes] memory seen as [L, B, S*T, H, D]
+            rows = kv_shape[2]
+            v = torch.zeros(*kv_shape[:2], *kv_shape[3:], -(-rows // 16) * 16, dtype=kv_dtype, device=device)
+            v = v[..., :rows].permute(0, 1, 4, 2, 3)
+        else:
+            v = torch.zeros(kv_shape, dtype=kv_dtype, device=device)
+        self.register_buffer("v", v, persistent=False)
         scale = torch.ones(kv_shape[:-1], device=device) if self.fp8 else None
         self.register_buffer("k_scale", scale, persistent=False)
         self.register_buffer("v_scale", None if scale is None else scale.clone(), persistent=False)
@@ -89,7 +94,7 @@ class RingKVCache(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(b.untyped_storage().nbytes() for b in self.buffers())
 
     def memory_report(self) -> str:
         kv = 2 * self.k.numel() * self.k.element_size()
@@ -126,7 +131,8 @@ class RingKVCache(nn.Module):
         return torch.where(frame < self.sink, frame, self.sink + (frame - self.sink) % self.window)
 
     def plan(self, batch_size: int, num_frames: int, frame_tokens: int) -> ChunkPlan:
-        """Slots of the chunk starting at `chunk_start`; marks them as holding its frames."""
+        """Slots of the chunk starting at `chunk_start`; marks them as holding its frames. Slots fill in order, so
+        with the chunk the first min(frames_done + num_frames, sink + window) slots hold every frame it sees."""
         if batch_size != self.batch_size or frame_tokens != self.frame_tokens:
             raise ValueError(
                 f"chunk of batch {batch_size} with {frame_tokens} tokens per frame does not fit a cache built for "
@@ -144,21 +150,20 @@ class RingKVCache(nn.Module):
         slots = self.slot_of(frame_pos)
         self.slot_frame.index_copy_(0, slots, frame_pos)
         token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
-        return ChunkPlan(frame_pos, token_index)
+        num_slots = self.sink + self.window
+        valid_rows = (self.chunk_start + num_frames).clamp(max=num_slots) * self.frame_tokens
+        valid_rows_host = min(self.frames_done + num_frames, num_slots) * self.frame_tokens
+        return ChunkPlan(frame_pos, token_index, valid_rows, valid_rows_host)
 
     def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> LayerKV:
-        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots; return the layer's K/V to attend over.
-
-        In place, except under autograd (training rollouts): then the write goes to a copy, so the context pass
-        that later overwrites these slots cannot clobber tensors saved for the backward pass. An fp8 cache stores
-        the chunk quantized per token and head, with its scales."""
+        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots, in place; return the layer's K/V to attend
+        over. An fp8 cache stores the chunk quantized per token and head, with its scales. (Forwards with gradients
+        write nothing: `WanModel.forward_chunk` attends to the ring and the chunk's own K/V in two parts.)"""
         rows = [(self.k, k), (self.v, v)]
         if self.fp8:
             (k, ks), (v, vs) = quantize_fp8(k), quantize_fp8(v)
             rows = [(self.k, k), (self.v, v), (self.k_scale, ks), (self.v_scale, vs)]
-        rows = [(buf[layer], x.to(buf.dtype)) for buf, x in rows]
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return LayerKV(*[buf.index_copy(1, plan.token_index, x) for buf, x in rows], *[None] * (4 - len(rows)))
+        rows = [(buf[layer], x.detach().to(buf.dtype)) for buf, x in rows]
         for buf, x in rows:
             if buf.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernel on every device: copy the bytes
                 buf, x = buf.view(torch.uint8), x.view(torch.uint8)

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from sfpp import __version__
+from sfpp import __version__, serve
 from sfpp.model import CONFIGS
 from sfpp.pipeline import (
     DTYPES,
@@ -24,6 +24,7 @@ from sfpp.pipeline import (
     check_device,
     device_defaults,
 )
+from sfpp.taehv import TAEHVDecoder
 from sfpp.video import check_output_path, export_to_video
 
 DEFAULT_MODEL_DIR = SHIPPED_MODELS["default"]
@@ -39,6 +40,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_decoder_options(parser: argparse.ArgumentParser) -> None:
+    """--decoder and --decoder-weights, which `_load` reads (sfpp generate, sfpp serve)."""
+    parser.add_argument(
+        "--decoder",
+        choices=["model", "tiny"],
+        default="model",
+        help="latents to pixels: the model's own decoder, or tiny = TAEHV for Wan2.1 latents (fast, preview quality)",
+    )
+    parser.add_argument(
+        "--decoder-weights",
+        metavar="PATH",
+        help="TAEHV weights for --decoder tiny (default: taew2_1.safetensors or taew2_1.pth in the model directory)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="frame width in pixels (default: the model's); same rule as --height")
     gen.add_argument("--window", type=int, help="KV-cache window in latent frames (default: the model's)")
     gen.add_argument("--sink", type=int, help="latent frames kept as attention sinks (default: the model's)")
+    add_decoder_options(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     bench = sub.add_parser(
         "bench",
@@ -110,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    serve.add_parser(sub)
     return parser
 
 
@@ -123,18 +141,23 @@ def bench(bench_args: list[str]) -> int:
     return e2e.main(bench_args)
 
 
+def _device(args: argparse.Namespace) -> torch.device:
+    return check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _options(args: argparse.Namespace, device: torch.device) -> dict:
-    """from_pretrained/from_config keywords from the knobs; left out where not given (the device's defaults)."""
-    options = {"device": device, "compile": args.compile}
+    """from_pretrained/from_config keywords from the knobs; left out where not given (the device's defaults). The
+    knobs `sfpp serve` lacks count as not given."""
+    options = {"device": device, "compile": getattr(args, "compile", False)}
     if args.dtype is not None:
         options["dtype"] = DTYPES[args.dtype]
-    if args.kernels is not None:
+    if getattr(args, "kernels", None) is not None:
         options["kernels"] = args.kernels
-    if args.cuda_graph is not None:
+    if getattr(args, "cuda_graph", None) is not None:
         if args.cuda_graph and device.type != "cuda":
             raise ValueError(f"--cuda-graph needs a CUDA device, and this run is on {device}")
         options["cuda_graph"] = args.cuda_graph
-    if args.kv_dtype is not None:
+    if getattr(args, "kv_dtype", None) is not None:
         kv_dtype, dtype = KV_DTYPES[args.kv_dtype], options.get("dtype", device_defaults(device)["dtype"])
         if kv_dtype not in (dtype, torch.float8_e4m3fn):
             name = next(k for k, v in DTYPES.items() if v == kv_dtype)
@@ -146,25 +169,37 @@ def _options(args: argparse.Namespace, device: torch.device) -> dict:
     return options
 
 
-def _load(args: argparse.Namespace, device: torch.device) -> tuple[Pipeline, str | None]:
-    """The pipeline, and why its weights are random (None when they are trained)."""
-    options = _options(args, device)
+def _load(args: argparse.Namespace) -> Pipeline:
+    """The pipeline of `sfpp generate` / `sfpp serve`: --model, else the shipped model, else random weights."""
+    options = _options(args, _device(args))
+    if args.decoder_weights is not None and args.decoder != "tiny":
+        raise ValueError("--decoder-weights is the weights file of --decoder tiny: add --decoder tiny")
+    tiny = {"decoder": "tiny", "decoder_path": args.decoder_weights} if args.decoder == "tiny" else {}
     if args.model:
-        pipe = Pipeline.from_pretrained(args.model, **options)
-        return pipe, f"the model in {args.model} has RANDOM weights" if pipe.random_weights else None
+        return Pipeline.from_pretrained(args.model, **options, **tiny)
     if args.config is None and (DEFAULT_MODEL_DIR / "sfpp_pipeline.json").is_file():
-        return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, **options), None
+        return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, **options, **tiny)
+    pipe = Pipeline.from_config(args.config or "tiny", **options)
+    if tiny:  # random weights have no model directory to look in
+        if args.decoder_weights is None:
+            raise ValueError("--decoder tiny with --config needs --decoder-weights PATH (TAEHV's taew2_1.pth)")
+        pipe.set_decoder(TAEHVDecoder.from_file(args.decoder_weights))
+    return pipe
+
+
+def _why_random(args: argparse.Namespace) -> str:
+    """Why `_load` gave a pipeline with random weights, in the user's terms."""
     if args.config is not None:
-        why = f"--config {args.config} builds RANDOM weights (for testing)"
-    else:
-        why = f"no trained model is installed (nothing at {DEFAULT_MODEL_DIR}), so this uses RANDOM weights"
-    return Pipeline.from_config(args.config or "tiny", **options), why
+        return f"--config {args.config} builds RANDOM weights (for testing)"
+    if args.model:
+        return f"the model in {args.model} has RANDOM weights"
+    return f"no trained model is installed (nothing at {DEFAULT_MODEL_DIR}), so this uses RANDOM weights"
 
 
 def generate(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     threads = args.threads or (DEFAULT_CPU_THREADS if device.type == "cpu" else torch.get_num_threads())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -177,11 +212,11 @@ def generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, device: torch.device) -> int:
     output = check_output_path(args.output)  # before any work: a bad path must not cost a whole generation
     seconds = DEFAULT_SECONDS if args.seconds is None and args.num_frames is None else args.seconds
-    pipe, random_why = _load(args, device)
-    if random_why:
+    pipe = _load(args)
+    if pipe.random_weights:
         print(
-            f"sfpp: warning: {random_why}: the video is noise. It exercises the whole path: text encoder, DiT over "
-            "the ring KV cache, decoder, mp4.",
+            f"sfpp: warning: {_why_random(args)}: the video is noise. It exercises the whole path: text encoder, DiT "
+            "over the ring KV cache, decoder, mp4.",
             file=sys.stderr,
         )
     overrides = {k: getattr(args, k) for k in ("window", "sink") if getattr(args, k) is not None}
@@ -222,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning
             if args.command == "generate":
                 return generate(args)
+            if args.command == "serve":
+                return serve.run(args)
             return bench(argv[1:])
     except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError) as exc:
         print(f"sfpp: error: {exc}", file=sys.stderr)

@@ -13,8 +13,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from sfpp.attention import block_causal_mask, ring_attention_ref
+from sfpp import ops
+from sfpp.attention import block_causal_mask, cache_and_chunk_attention, ring_attention_ref
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,6 @@ class FusedAttend:
         self.height, self.width, self.backend = height, width, backend
 
     def __call__(self, attn: Attention, h: Tensor) -> Tensor:  # h [B, L, dim] -> [B, L, H, D]
-        from sfpp import ops
-
         cfg, cache, plan = self.model.cfg, self.cache, self.plan
         kv = cache.layer(self.layer)
         q = ops.cache_write(
@@ -175,8 +175,9 @@ class FusedAttend:
             plan.frame_pos, plan.token_index, *kv, self.height, self.width, cfg.rope_split, cfg.eps,
             backend=self.backend,
         )  # fmt: skip
-        tokens = self.height * self.width
-        return ops.ring_attention(q, kv.k, kv.v, cache.slot_frame, tokens, kv.k_scale, kv.v_scale, backend=self.backend)
+        return ops.ring_attention(
+            q, kv.k, kv.v, plan.valid_rows, plan.valid_rows_host, kv.k_scale, kv.v_scale, backend=self.backend
+        )
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -192,8 +193,6 @@ def _norm_modulate(
     fused op."""
     if kernels is None:
         return _modulate(norm(x), shift, scale).to(dtype)
-    from sfpp import ops
-
     return ops.adaln_modulate(x, shift, scale, norm.eps, dtype, backend=kernels)
 
 
@@ -213,6 +212,13 @@ class WanBlock(nn.Module):
             nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def text_kv(self, ctx: Tensor) -> Tensor:
+        """Cross-attention K and V [2, B, Lt, dim] (heads not split) of the embedded text [B, Lt, dim]. A method of
+        the block, so that a block sharded on its own by FSDP gathers its weights for it; one new tensor, not views
+        (which FSDP's backward hooks could miss)."""
+        attn = self.cross_attn
+        return torch.stack([attn.norm_k(attn.k(ctx)), attn.v(ctx)])  # [2, B, Lt, dim]
 
     def forward(
         self,
@@ -277,6 +283,7 @@ class WanModel(nn.Module):
         self.head = Head(cfg)
         self._rope: tuple[Tensor, Tensor] | None = None  # fp32 cos/sin tables, built on first use per device
         self.kernels: str | None = None  # `use_kernels`: the sfpp.ops backend of forward_chunk's self-attention
+        self.checkpoint_blocks = False  # training: activation checkpointing per block (forwards with gradients)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -295,11 +302,9 @@ class WanModel(nn.Module):
             )
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])).to(self.dtype)
         ctx = self.text_embedding(context)
-        kvs = []
-        for block in self.blocks:
-            k, v = block.cross_attn.key_value(ctx)
-            kvs.append((k.transpose(1, 2), v.transpose(1, 2)))
-        return kvs
+        heads = self.cfg.num_heads
+        kvs = [block.text_kv(ctx).unflatten(-1, (heads, -1)).transpose(2, 3) for block in self.blocks]
+        return [(kv[0], kv[1]) for kv in kvs]  # [B, H, Lt, D] each
 
     def time_modulation(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """t [B, F] timesteps in [0, 1000] -> e [B, F, dim] and per-block modulation e0 [B, F, 6, dim], fp32."""
@@ -359,7 +364,10 @@ class WanModel(nn.Module):
         e, e0 = self.time_modulation(t)
         rope = self.rope(frame_pos, h, w)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)
+            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+                tokens = checkpoint(block, tokens, e0, rope, text_kv[i], attend(i), kernels, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)
         out = self.head(tokens, e, kernels)  # [B, F*h*w, C*ph*pw]
         return self._unpatchify(out.float(), grid)
 
@@ -428,10 +436,19 @@ class WanModel(nn.Module):
             fused = lambda i: self._fused(cache, i, plan, h, w)
             return self._run(x, t, grid, plan.frame_pos, cache.text_kv, fused, self.kernels)
 
+        # Under autograd (training): the ring is read in place and the chunk's own K/V join with gradients, merged
+        # by log-sum-exp; nothing is written (the no-grad context pass writes the final K/V), nothing copied.
+        earlier = None  # [S*T] ring rows holding frames before this chunk
+        if torch.is_grad_enabled():
+            earlier = ((cache.slot_frame >= 0) & (cache.slot_frame < plan.frame_pos[0])).repeat_interleave(h * w)
+
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                if earlier is not None and (k.requires_grad or v.requires_grad):
+                    kv = cache.layer(i)
+                    return cache_and_chunk_attention(q, kv.k, kv.v, earlier, k, v, h * w)
                 kv = cache.write(i, plan, k, v)
-                return ring_attention_ref(q, kv.k, kv.v, cache.slot_frame, h * w, kv.k_scale, kv.v_scale)
+                return ring_attention_ref(q, kv.k, kv.v, plan.valid_rows_host, kv.k_scale, kv.v_scale)
 
             return fn
 

@@ -25,6 +25,7 @@ from sfpp.checkpoint import CheckpointError, load_file, load_weights
 from sfpp.graph import ChunkRunner
 from sfpp.model import WanConfig, WanModel, get_config
 from sfpp.sampler import FlowMatchSchedule, nvtx_range
+from sfpp.taehv import TAEHVDecoder
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.umt5 import UMT5TextEncoder
 from sfpp.vae import WanVAE
@@ -38,7 +39,7 @@ SHIPPED_MODELS = {"default": Path(__file__).parent / "assets" / "default"}
 # The parts a model directory may name by "type". Each class has `from_meta(meta, directory)`, `to_meta()` and
 # `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).
 TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder, "umt5": UMT5TextEncoder}
-DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE}
+DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE, "taehv": TAEHVDecoder}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The self-attention KV cache holds K/V in the DiT's dtype, or in fp8 with per-token-per-head scales.
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -244,6 +245,8 @@ class Pipeline:
         kernels: str | None = None,
         ema: bool = True,
         settings: StreamSettings | None = None,
+        decoder: str | None = None,
+        decoder_path: str | Path | None = None,
         **options,
     ) -> Pipeline:
         """Load a model: a shipped model by name (`SHIPPED_MODELS`: "default") or a directory, sfpp's own
@@ -251,9 +254,10 @@ class Pipeline:
         Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or the diffusers layout (model_index.json).
         `checkpoint`: DiT weights that replace the directory's, e.g. a Self-Forcing `.pt` (its `generator_ema` if
         `ema` and present, else `generator`). Weights are read tensor by tensor onto meta-device models: no second
-        copy. Unless given, `dtype`, `kernels` (a `WanModel.use_kernels` backend, or "none") and the option
-        `cuda_graph` follow the device (`device_defaults`: the fast path on CUDA); other `options`: `compile`,
-        `compile_options`, `kv_dtype`."""
+        copy. `decoder="tiny"`: decode with TAEHV (`sfpp.taehv`) from `decoder_path`, by default
+        taew2_1.safetensors or taew2_1.pth in the model directory. Unless given, `dtype`, `kernels` (a
+        `WanModel.use_kernels` backend, or "none") and the option `cuda_graph` follow the device (`device_defaults`:
+        the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`."""
         from sfpp import wan_checkpoints as wc
 
         device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
@@ -280,6 +284,11 @@ class Pipeline:
         if checkpoint is not None:
             wc.load_checkpoint(pipe.transformer, checkpoint, ema=ema, dtype=read_dtype)
         pipe.transformer.use_kernels(None if kernels == "none" else kernels)
+        if decoder is not None:
+            if decoder != "tiny":
+                raise ValueError(f"decoder must be 'tiny' or None (the model's own), got {decoder!r}")
+            pipe.check_decoder(TAEHVDecoder)  # before looking for weights: a model of other latents says so first
+            pipe.set_decoder(TAEHVDecoder.from_file(decoder_path or TAEHVDecoder.weights_in(path)))
         return pipe.to(device, dtype)
 
     @classmethod
@@ -348,6 +357,33 @@ class Pipeline:
         if isinstance(self.decoder, torch.nn.Module):
             self.decoder.to(device=device, dtype=decoder_dtype or dtype)
         return self
+
+    def check_decoder(self, decoder) -> None:
+        """Raise ValueError unless `decoder` (an instance or a class) decodes this model's latent space: the same
+        channels and spatial and temporal factors as the decoder it was trained with."""
+        have, want = self.decoder, decoder
+
+        def geometry(d) -> str:
+            return f"{d.channels} channels, {d.spatial_factor}x spatial, {d.temporal_factor}x temporal"
+
+        if (want.channels, want.spatial_factor, want.temporal_factor) != (
+            have.channels,
+            have.spatial_factor,
+            have.temporal_factor,
+        ):
+            name = getattr(want, "__name__", type(want).__name__)
+            raise ValueError(
+                f"{name} decodes latents of {geometry(want)}, but this model's latents are those of its "
+                f"{have.to_meta()['type']!r} decoder ({geometry(have)})"
+            )
+
+    def set_decoder(self, decoder) -> None:
+        """Decode with `decoder` from now on, e.g. `TAEHVDecoder.from_file("taew2_1.pth")`: it must decode the same
+        latent space (`check_decoder`). A module decoder moves to the pipeline's device and the DiT's dtype."""
+        self.check_decoder(decoder)
+        if isinstance(decoder, torch.nn.Module):
+            decoder.to(device=self.device, dtype=self.transformer.dtype)
+        self.decoder = decoder
 
     # --- generation
 
