@@ -397,7 +397,7 @@ class Pipeline:
             if not seconds > 0:
                 raise ValueError(f"seconds must be positive, got {seconds}")
             if math.isinf(seconds):
-                raise ValueError(f"seconds must be finite, got {seconds}: a video of a given length is written whole")
+                raise ValueError(f"seconds must be finite, got {seconds}")
             num_frames = max(1, round(seconds * s.fps))
         num_frames = _integer(num_frames, "num_frames")
         if num_frames < 1:
