@@ -29,8 +29,9 @@ from sfpp.video import check_output_path, export_to_video
 
 DEFAULT_MODEL_DIR = SHIPPED_MODELS["default"]
 DEFAULT_SECONDS = 5.0
-# CPU threads of `sfpp generate` (--threads): measured with the README's command on the shipped model, one thread
-# generated faster than two on a 2-core machine shared with other work (see the --threads help).
+# CPU threads of `sfpp generate` (--threads). Measured with the README's command on the shipped model on a 2-core
+# machine shared with other work (bench/results/bench_threads-cpu-*.json): two threads were 10% faster when the cores
+# were free, and 12x to 22x slower when other processes held them (median 221 s against 15 s for one thread).
 DEFAULT_CPU_THREADS = 1
 
 
@@ -105,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--threads",
         type=int,
-        help=f"CPU threads for torch (default on a CPU: {DEFAULT_CPU_THREADS}, faster than more for the shipped "
-        "model's small matmuls, by far when other work shares the cores; on CUDA: torch's default)",
+        help=f"CPU threads for torch (default on a CPU: {DEFAULT_CPU_THREADS}: the shipped model's small matmuls gain "
+        "10%% from a second free core and lose up to 22x when other work holds it; on CUDA: torch's default)",
     )
     gen.add_argument(
         "--height",
@@ -140,9 +141,14 @@ def bench(bench_args: list[str]) -> int:
     return e2e.main(bench_args)
 
 
+def _device(args: argparse.Namespace) -> torch.device:
+    return check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _options(args: argparse.Namespace, device: torch.device) -> dict:
-    """from_pretrained/from_config keywords from the knobs; left out where not given (the device's defaults)."""
-    options = {"device": device, "compile": getattr(args, "compile", False)}  # sfpp serve has fewer knobs
+    """from_pretrained/from_config keywords from the knobs; left out where not given (the device's defaults). The
+    knobs `sfpp serve` lacks count as not given."""
+    options = {"device": device, "compile": getattr(args, "compile", False)}
     if args.dtype is not None:
         options["dtype"] = DTYPES[args.dtype]
     if getattr(args, "kernels", None) is not None:
@@ -163,33 +169,37 @@ def _options(args: argparse.Namespace, device: torch.device) -> dict:
     return options
 
 
-def _load(args: argparse.Namespace, device: torch.device) -> tuple[Pipeline, str | None]:
-    """The pipeline, and why its weights are random (None when they are trained)."""
-    options = _options(args, device)
+def _load(args: argparse.Namespace) -> Pipeline:
+    """The pipeline of `sfpp generate` / `sfpp serve`: --model, else the shipped model, else random weights."""
+    options = _options(args, _device(args))
     if args.decoder_weights is not None and args.decoder != "tiny":
         raise ValueError("--decoder-weights is the weights file of --decoder tiny: add --decoder tiny")
     tiny = {"decoder": "tiny", "decoder_path": args.decoder_weights} if args.decoder == "tiny" else {}
     if args.model:
-        pipe = Pipeline.from_pretrained(args.model, **options, **tiny)
-        return pipe, f"the model in {args.model} has RANDOM weights" if pipe.random_weights else None
+        return Pipeline.from_pretrained(args.model, **options, **tiny)
     if args.config is None and (DEFAULT_MODEL_DIR / "sfpp_pipeline.json").is_file():
-        return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, **options, **tiny), None
-    if args.config is not None:
-        why = f"--config {args.config} builds RANDOM weights (for testing)"
-    else:
-        why = f"no trained model is installed (nothing at {DEFAULT_MODEL_DIR}), so this uses RANDOM weights"
+        return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, **options, **tiny)
     pipe = Pipeline.from_config(args.config or "tiny", **options)
     if tiny:  # random weights have no model directory to look in
         if args.decoder_weights is None:
             raise ValueError("--decoder tiny with --config needs --decoder-weights PATH (TAEHV's taew2_1.pth)")
         pipe.set_decoder(TAEHVDecoder.from_file(args.decoder_weights))
-    return pipe, why
+    return pipe
+
+
+def _why_random(args: argparse.Namespace) -> str:
+    """Why `_load` gave a pipeline with random weights, in the user's terms."""
+    if args.config is not None:
+        return f"--config {args.config} builds RANDOM weights (for testing)"
+    if args.model:
+        return f"the model in {args.model} has RANDOM weights"
+    return f"no trained model is installed (nothing at {DEFAULT_MODEL_DIR}), so this uses RANDOM weights"
 
 
 def generate(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     threads = args.threads or (DEFAULT_CPU_THREADS if device.type == "cpu" else torch.get_num_threads())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -202,11 +212,11 @@ def generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, device: torch.device) -> int:
     output = check_output_path(args.output)  # before any work: a bad path must not cost a whole generation
     seconds = DEFAULT_SECONDS if args.seconds is None and args.num_frames is None else args.seconds
-    pipe, random_why = _load(args, device)
-    if random_why:
+    pipe = _load(args)
+    if pipe.random_weights:
         print(
-            f"sfpp: warning: {random_why}: the video is noise. It exercises the whole path: text encoder, DiT over "
-            "the ring KV cache, decoder, mp4.",
+            f"sfpp: warning: {_why_random(args)}: the video is noise. It exercises the whole path: text encoder, DiT "
+            "over the ring KV cache, decoder, mp4.",
             file=sys.stderr,
         )
     overrides = {k: getattr(args, k) for k in ("window", "sink") if getattr(args, k) is not None}

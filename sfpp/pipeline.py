@@ -283,12 +283,12 @@ class Pipeline:
             pipe = cls(transformer, text_encoder, vae, settings=settings, **options)
         if checkpoint is not None:
             wc.load_checkpoint(pipe.transformer, checkpoint, ema=ema, dtype=read_dtype)
+        pipe.transformer.use_kernels(None if kernels == "none" else kernels)
         if decoder is not None:
             if decoder != "tiny":
                 raise ValueError(f"decoder must be 'tiny' or None (the model's own), got {decoder!r}")
             pipe.check_decoder(TAEHVDecoder)  # before looking for weights: a model of other latents says so first
             pipe.set_decoder(TAEHVDecoder.from_file(decoder_path or TAEHVDecoder.weights_in(path)))
-        pipe.transformer.use_kernels(None if kernels == "none" else kernels)
         return pipe.to(device, dtype)
 
     @classmethod
@@ -397,7 +397,7 @@ class Pipeline:
             if not seconds > 0:
                 raise ValueError(f"seconds must be positive, got {seconds}")
             if math.isinf(seconds):
-                raise ValueError(f"seconds must be finite, got {seconds}: a video of a given length is written whole")
+                raise ValueError(f"seconds must be finite, got {seconds}")
             num_frames = max(1, round(seconds * s.fps))
         num_frames = _integer(num_frames, "num_frames")
         if num_frames < 1:

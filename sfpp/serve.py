@@ -409,11 +409,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfpp.cli import _load, check_device
+    from sfpp.cli import _load, _why_random
 
-    pipe, random_why = _load(args, check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    if random_why:
-        print(f"sfpp: warning: {random_why}: the video is noise.", file=sys.stderr)
+    pipe = _load(args)
+    if pipe.random_weights:
+        print(f"sfpp: warning: {_why_random(args)}: the video is noise.", file=sys.stderr)
     try:
         asyncio.run(serve(pipe, args.host, args.port))
     except OSError as exc:
