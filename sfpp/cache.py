@@ -4,6 +4,13 @@ Every layer owns S = sink + window frame slots of T tokens. Frame f lives in slo
 else in slot sink + (f - sink) % window: writing a new chunk overwrites the oldest window frames in place, so
 rolling forward costs no copies and memory stays constant however long the video. Positions are device tensors
 updated in place (no `.item()`), so a chunk step can be captured in a CUDA graph and replayed.
+
+Past the RoPE table (`rope_max_positions` latent frames) the stream goes on by re-basing positions: RoPE attention
+depends only on the offset between a query and a key, so `make_room` rotates the window's cached keys back by the
+same amount the next chunks' positions move back (R(p - d) = R(-d) R(p), one in-place pass over the window's keys
+every ~1000 frames), and every offset inside the window stays exactly what it was. Sink frames keep their positions,
+so after a re-base they sit right before the window again, as in the first chunks; the offset from a chunk to the
+sinks therefore cycles through the range the model sees before the limit instead of growing without bound.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sfpp.model import WanConfig
+from sfpp.model import WanConfig, apply_rope, temporal_rotation
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -32,7 +39,7 @@ def dequantize_fp8(x8: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32
 
 
 class ChunkPlan(NamedTuple):
-    frame_pos: Tensor  # [Fc] absolute frame positions of the chunk
+    frame_pos: Tensor  # [Fc] RoPE positions of the chunk's frames (their frame index until a re-base)
     token_index: Tensor  # [Fc*T] cache rows the chunk writes
 
 
@@ -84,7 +91,10 @@ class RingKVCache(nn.Module):
         self.register_buffer("slot_frame", torch.full((slots,), -1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("chunk_start", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer("_tokens", torch.arange(frame_tokens, device=device), persistent=False)
+        # RoPE position of window frame f = f - rope_shift (sinks: f); raised by `make_room` past the RoPE table.
+        self.register_buffer("rope_shift", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.frames_done = 0  # host mirror of chunk_start, for argument checks only (never read from the device)
+        self.shift_done = 0  # host mirror of rope_shift
         self.has_text = False
 
     @property
@@ -106,7 +116,8 @@ class RingKVCache(nn.Module):
         """Forget all frames and the text (a new video or a new prompt)."""
         self.slot_frame.fill_(-1)
         self.chunk_start.zero_()
-        self.frames_done = 0
+        self.rope_shift.zero_()
+        self.frames_done = self.shift_done = 0
         self.has_text = False
 
     def set_text(self, text_kv: list[tuple[Tensor, Tensor]]) -> None:
@@ -125,6 +136,18 @@ class RingKVCache(nn.Module):
     def slot_of(self, frame: Tensor) -> Tensor:
         return torch.where(frame < self.sink, frame, self.sink + (frame - self.sink) % self.window)
 
+    def rope_position(self, frame: Tensor) -> Tensor:
+        """RoPE positions of absolute frame indices [F]: a sink keeps its index, a window frame moves back by the
+        re-bases done so far (none before the RoPE table runs out)."""
+        return torch.where(frame < self.sink, frame, frame - self.rope_shift)
+
+    def plan_frames(self, frame: Tensor) -> ChunkPlan:
+        """Slots of the absolute frames `frame` [F] (a device tensor); marks them as holding these frames."""
+        slots = self.slot_of(frame)
+        self.slot_frame.index_copy_(0, slots, frame)
+        token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
+        return ChunkPlan(self.rope_position(frame), token_index)
+
     def plan(self, batch_size: int, num_frames: int, frame_tokens: int) -> ChunkPlan:
         """Slots of the chunk starting at `chunk_start`; marks them as holding its frames."""
         if batch_size != self.batch_size or frame_tokens != self.frame_tokens:
@@ -134,17 +157,57 @@ class RingKVCache(nn.Module):
             )
         if num_frames > self.window:
             raise ValueError(f"a chunk of {num_frames} frames does not fit the window of {self.window} frames")
-        limit = self.cfg.rope_max_positions
-        if self.frames_done + num_frames > limit:
+        limit, position = self.cfg.rope_max_positions, self.frames_done - self.shift_done
+        if position + num_frames > limit:
             raise ValueError(
-                f"frames {self.frames_done}..{self.frames_done + num_frames - 1} go past the RoPE table of {limit} "
-                f"latent frames: the model cannot place frames beyond position {limit - 1}"
+                f"frames at RoPE positions {position}..{position + num_frames - 1} go past the RoPE table of {limit} "
+                f"latent frames: call cache.make_room({num_frames}) before the chunk to re-base the positions"
             )
-        frame_pos = self.chunk_start + torch.arange(num_frames, device=self.chunk_start.device)
-        slots = self.slot_of(frame_pos)
-        self.slot_frame.index_copy_(0, slots, frame_pos)
-        token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
-        return ChunkPlan(frame_pos, token_index)
+        return self.plan_frames(self.chunk_start + torch.arange(num_frames, device=self.chunk_start.device))
+
+    def make_room(self, num_frames: int) -> None:
+        """Before a chunk of `num_frames`: if its RoPE positions would run past the table, re-base the window.
+
+        The next chunk moves back to position sink + window - num_frames (where it sits once the window first fills)
+        and the window's cached keys are rotated back by the same amount, in place: offsets between window frames
+        are unchanged, the ring is not copied, and positions move by device tensors. Host-side decision only (the
+        frame counters are host mirrors): call it outside a captured graph, before replaying the chunk."""
+        limit, position = self.cfg.rope_max_positions, self.frames_done - self.shift_done
+        if position + num_frames <= limit:
+            return
+        target = self.sink + self.window - num_frames
+        if target + num_frames > limit:
+            raise ValueError(
+                f"a cache of {self.sink} sink + {self.window} window frames does not fit the RoPE table of {limit} "
+                f"latent frames: no room to re-base positions"
+            )
+        self.rotate_window_keys(target - position)
+        self.rope_shift.add_(position - target)
+        self.shift_done += position - target
+
+    @torch.no_grad()
+    def rotate_window_keys(self, shift: int) -> None:
+        """Move every cached window key (not the sinks) by `shift` temporal RoPE positions, in place, layer by layer.
+        An fp8 cache is dequantized, rotated and quantized again row by row."""
+        t_dims = self.cfg.rope_split[0]
+        cos, sin = (x.to(self.k.device) for x in temporal_rotation(self.cfg, shift))
+        rows = slice(self.sink * self.frame_tokens, None)
+        for layer in range(self.cfg.num_layers):
+            k = self.k[layer, :, rows]  # [B, W*T, H, D]
+            if not self.fp8:
+                k[..., :t_dims] = apply_rope(k[..., :t_dims], cos, sin)
+                continue
+            scale = self.k_scale[layer, :, rows]
+            x = dequantize_fp8(k, scale)
+            x[..., :t_dims] = apply_rope(x[..., :t_dims], cos, sin)
+            x8, new_scale = quantize_fp8(x)
+            k.view(torch.uint8).copy_(x8.view(torch.uint8))
+            scale.copy_(new_scale)
+
+    def seek(self, frame: int) -> None:
+        """Start the next chunk at absolute frame `frame` (after frames written by `WanModel.forward_context`)."""
+        self.chunk_start.fill_(frame)
+        self.frames_done = frame
 
     def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> LayerKV:
         """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots; return the layer's K/V to attend over.

@@ -66,6 +66,7 @@ def denoise_chunk(
     """Generate one chunk: the denoising steps over the cache, then the context pass that writes the result into
     the cache at `schedule.context_noise`, then advance the cache. noise [B, C, Fc, H, W] -> x0 (fp32)."""
     batch, frames = noise.shape[0], noise.shape[2]
+    cache.make_room(frames)  # past the RoPE table: re-base positions (host decision, before any device work)
     sigmas = schedule.sigmas
     x = noise.float()
     for i, sigma in enumerate(sigmas):
