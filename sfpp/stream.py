@@ -119,6 +119,7 @@ class VideoStream:
     stream.close()                                   # or leave the loop / `with pipe.stream(...) as stream:`
     """
 
+    @torch.no_grad()
     def __init__(
         self,
         pipe,
@@ -230,6 +231,7 @@ class VideoStream:
     def __iter__(self) -> VideoStream:
         return self
 
+    @torch.no_grad()
     def __next__(self) -> Tensor | tuple[Tensor, Tensor]:
         if self._given is not None:
             (frames, z), self._given = self._given, None
