@@ -20,7 +20,7 @@ from bench.common import save
 from sfpp.cache import RingKVCache
 from sfpp.model import CONFIGS, WanModel, get_config
 from sfpp.pipeline import DTYPES
-from sfpp.sampler import FlowMatchSchedule, denoise_chunk
+from sfpp.sampler import FlowMatchSchedule, denoise_chunk, draw_noises
 
 
 def sync(device: torch.device) -> None:
@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     fill = -(-args.window // args.frames_per_chunk)  # chunks until the ring is full (and warm-up)
     times = []
     for i in range(fill + args.chunks):
-        noise = torch.randn(shape, generator=gen, device=device)
+        noises = draw_noises(schedule, shape, gen, device)
         sync(device)
         start = time.perf_counter()
-        denoise_chunk(model, cache, noise, schedule, gen)
+        denoise_chunk(model.forward_chunk, cache, noises, schedule)
+        cache.advance(args.frames_per_chunk)
         sync(device)
         if i >= fill:
             times.append(time.perf_counter() - start)

@@ -29,10 +29,10 @@ import torch
 from bench.baseline import SelfForcingBaseline
 from bench.common import save
 from sfpp.cache import RingKVCache
-from sfpp.graph import ChunkRunner, nvtx_range
+from sfpp.graph import ChunkRunner
 from sfpp.model import CONFIGS, WanModel, get_config
 from sfpp.pipeline import DTYPES
-from sfpp.sampler import FlowMatchSchedule
+from sfpp.sampler import FlowMatchSchedule, num_noises, nvtx_range
 from sfpp.vae import WanVAE, WanVAEConfig
 
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -110,7 +110,7 @@ class Harness:
         self.schedule = FlowMatchSchedule(denoising_steps=tuple(int(s) for s in args.steps.split(",")))
         self.fill = math.ceil(args.window / args.frames_per_chunk)  # chunks until the ring is full
         self.video_frames = args.frames_per_chunk * self.vae.temporal_factor  # per chunk, in steady state
-        self.num_noises = len(self.schedule.denoising_steps) + (self.schedule.context_noise > 0)  # as ChunkRunner
+        self.num_noises = num_noises(self.schedule)
 
     def noise(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randn((self.num_noises, *self.shape), generator=gen, device=self.device, dtype=torch.float32)

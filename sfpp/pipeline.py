@@ -20,9 +20,9 @@ from torch import Tensor
 
 from sfpp.cache import RingKVCache
 from sfpp.checkpoint import CheckpointError, load_file, load_weights
-from sfpp.graph import ChunkRunner, nvtx_range
+from sfpp.graph import ChunkRunner
 from sfpp.model import WanConfig, WanModel, get_config
-from sfpp.sampler import FlowMatchSchedule
+from sfpp.sampler import FlowMatchSchedule, nvtx_range
 from sfpp.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.umt5 import UMT5TextEncoder

@@ -8,6 +8,8 @@ next step starts from x0 re-noised to the next sigma: x = (1 - sigma) * x0 + sig
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,23 +61,82 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
-@torch.no_grad()
-def denoise_chunk(
-    model, cache, noise: Tensor, schedule: FlowMatchSchedule, generator: torch.Generator | None = None
+@contextlib.contextmanager
+def nvtx_range(name: str) -> Iterator[None]:
+    """An NVTX range on CUDA builds (visible in Nsight Systems); nothing otherwise or while compiling."""
+    if torch.cuda.is_available() and not torch.compiler.is_compiling():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+# --------------------------------------------------------------------------------------------- the chunk loop
+# One implementation for inference (eager, compiled, CUDA graph) and every training rollout.
+
+# forward(x [B, C, Fc, h, w], t [B, Fc], cache) -> flow: the student's chunk forward (`WanModel.forward_chunk`, or
+# a compiled version of it).
+ChunkForward = Callable[[Tensor, Tensor, object], Tensor]
+
+
+def num_noises(schedule: FlowMatchSchedule) -> int:
+    """Noise tensors a chunk uses: the initial noise, one per re-noising, one for a noisy context pass."""
+    return len(schedule.denoising_steps) + (1 if schedule.context_noise > 0 else 0)
+
+
+def draw_noises(
+    schedule: FlowMatchSchedule, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
-    """Generate one chunk: the denoising steps over the cache, then the context pass that writes the result into
-    the cache at `schedule.context_noise`, then advance the cache. noise [B, C, Fc, H, W] -> x0 (fp32)."""
-    batch, frames = noise.shape[0], noise.shape[2]
-    cache.make_room(frames)  # past the RoPE table: re-base positions (host decision, before any device work)
+    """[num_noises, *shape] fp32 on `device`: all of a chunk's noise, in `denoise_chunk`'s order."""
+    return torch.stack([randn(shape, generator, device) for _ in range(num_noises(schedule))])
+
+
+def _timesteps(x: Tensor, t: float) -> Tensor:
+    return torch.full((x.shape[0], x.shape[2]), t, device=x.device)
+
+
+def context_pass(forward: ChunkForward, cache, x0: Tensor, noise: Tensor | None, schedule: FlowMatchSchedule) -> None:
+    """Write the finished chunk x0 into the cache, re-noised to `schedule.context_noise` (noise: None when 0)."""
+    sigma = schedule.context_noise / schedule.num_train_timesteps
+    x = add_noise(x0, noise, sigma) if sigma > 0 else x0
+    forward(x, _timesteps(x, schedule.context_noise), cache)
+
+
+def denoise_chunk(
+    forward: ChunkForward,
+    cache,
+    noises: Tensor,
+    schedule: FlowMatchSchedule,
+    *,
+    exit_step: int | None = None,
+    trace: list[tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """One chunk over the cache: the denoising steps, then the context pass. noises [num_noises, B, C, Fc, h, w]
+    (`draw_noises`) -> x0 [B, C, Fc, h, w] fp32. The caller advances the cache (`cache.advance(Fc)`).
+
+    Training: `exit_step` stops after that step (Self-Forcing's random exit, Self-Forcing++'s last); only the exit
+    step is run with gradients (when they are enabled), the earlier steps and the context pass without, so the
+    returned x0 carries gradients through one forward. `trace` (GRPO) receives (x0, x_next) of every step that
+    re-noises. No host syncs: this is what a CUDA graph captures."""
     sigmas = schedule.sigmas
-    x = noise.float()
-    for i, sigma in enumerate(sigmas):
-        t = torch.full((batch, frames), schedule.num_train_timesteps * sigma, device=x.device)
-        x0 = flow_to_x0(x, model.forward_chunk(x, t, cache).float(), sigma)
-        if i + 1 < len(sigmas):
-            x = add_noise(x0, randn(x0.shape, generator, x0.device), sigmas[i + 1])
-    ctx_sigma = schedule.context_noise / schedule.num_train_timesteps
-    ctx = add_noise(x0, randn(x0.shape, generator, x0.device), ctx_sigma) if ctx_sigma > 0 else x0
-    model.forward_chunk(ctx, torch.full((batch, frames), schedule.context_noise, device=x.device), cache)
-    cache.advance(frames)
+    last = len(sigmas) - 1 if exit_step is None else exit_step
+    if not 0 <= last < len(sigmas):
+        raise ValueError(f"exit_step must be in [0, {len(sigmas)}), got {exit_step}")
+    grad = torch.is_grad_enabled()
+    x = noises[0].float()
+    for i in range(last + 1):
+        with nvtx_range(f"denoise step {i}"), torch.set_grad_enabled(grad and i == last):
+            t = schedule.num_train_timesteps * sigmas[i]
+            x0 = flow_to_x0(x, forward(x, _timesteps(x, t), cache).float(), sigmas[i])
+            if i < last:
+                x_next = add_noise(x0, noises[i + 1], sigmas[i + 1])
+                if trace is not None:
+                    trace.append((x0, x_next))
+                x = x_next
+    with nvtx_range("context pass"), torch.no_grad():
+        context_noise = noises[len(sigmas)] if schedule.context_noise > 0 else None
+        context_pass(forward, cache, x0.detach(), context_noise, schedule)
     return x0

@@ -26,8 +26,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sfpp.cache import RingKVCache
-from sfpp.graph import ChunkRunner, nvtx_range
-from sfpp.sampler import add_noise
+from sfpp.graph import ChunkRunner
+from sfpp.sampler import add_noise, nvtx_range, randn
 
 
 @dataclass
@@ -210,8 +210,6 @@ class VideoStream:
         schedule, n = pipe.schedule, z.shape[2]
         ctx_sigma = schedule.context_noise / schedule.num_train_timesteps
         if ctx_sigma > 0:  # written as the generated frames are: at the context pass's noise level
-            from sfpp.sampler import randn
-
             z_ctx = add_noise(z, randn(tuple(z.shape), self.generator, z.device), ctx_sigma)
         else:
             z_ctx = z

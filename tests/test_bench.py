@@ -66,3 +66,40 @@ def test_bench_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         parse(["--modes", "turbo"])
     assert "unknown mode 'turbo'" in capsys.readouterr().err
+
+
+def test_campaign_smoke(tmp_path):
+    """The GPU campaign's command runs end to end at tiny shapes: every step passes, a JSON per benchmark that
+    writes one, and a summary generated from them."""
+    from bench import campaign
+
+    assert campaign.main(["--smoke", "--out", str(tmp_path)]) == 0
+    steps = json.loads((tmp_path / "campaign.json").read_text())
+    assert [s["status"] for s in steps] == ["passed"] * len(campaign.steps(True, tmp_path))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**e2e**" in summary and "| variant |" in summary and "baseline" in summary
+
+
+def test_campaign_fails_on_a_failed_gpu_test(tmp_path, monkeypatch):
+    from bench import campaign
+
+    failing = campaign.Step("gpu_tests", ("pytest", "-q", "tests/does_not_exist.py"), 60, is_test=True)
+    monkeypatch.setattr(campaign, "steps", lambda smoke, out: [failing])
+    assert campaign.main(["--smoke", "--out", str(tmp_path)]) == 1
+    assert "failed" in json.loads((tmp_path / "campaign.json").read_text())[0]["status"]
+
+
+def test_report_rewrites_only_the_generated_block(tmp_path):
+    from bench import report
+
+    record = {"benchmark": "x", "device": "d", "commit": "c", "date": "t", "command": "python -m bench.x",
+              "rows": [{"variant": "a", "ms": 1.23456}, {"variant": "b", "ms": 2.0}]}  # fmt: skip
+    (tmp_path / "x.json").write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
+    report.update_readme(readme, [tmp_path / "x.json"])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| a | 1.235 |" in text and "`python -m bench.x`" in text
+    with pytest.raises(ValueError, match="generated block"):
+        report.update_readme(tmp_path / "x.json", [])

@@ -9,7 +9,7 @@ from sfpp.cache import RingKVCache
 from sfpp.graph import ChunkRunner
 from sfpp.model import WanModel
 from sfpp.pipeline import Pipeline, StreamSettings
-from sfpp.sampler import FlowMatchSchedule, denoise_chunk, randn
+from sfpp.sampler import FlowMatchSchedule, denoise_chunk, draw_noises
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.video import LatentPreviewDecoder
 
@@ -42,7 +42,10 @@ def test_runner_equals_sampler(context_noise):
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for _ in range(5):
         ours = runner(runner.draw_noise(SHAPE, g1))
-        ref = denoise_chunk(model, ref_cache, randn(SHAPE, g2, torch.device("cpu")), schedule, g2)
+        ref = denoise_chunk(
+            model.forward_chunk, ref_cache, draw_noises(schedule, SHAPE, g2, torch.device("cpu")), schedule
+        )
+        ref_cache.advance(SHAPE[2])
         assert torch.equal(ours, ref)
     assert torch.equal(runner.cache.k, ref_cache.k) and runner.cache.frames_done == ref_cache.frames_done == 10
 
@@ -133,3 +136,37 @@ def test_pipeline_graph_and_compile_equal_eager_across_videos():
         )
     (state,) = graph._states._free  # the second video took the first one's cache and runner back
     assert state.runner.replays == 2 * 3 - 1  # 3 chunks per video, the very first one captured
+
+
+@pytest.mark.parametrize("context_noise", [0.0, 100.0])
+def test_training_rollout_is_the_inference_loop(context_noise):
+    """Training rollouts call the same loop as inference: the same noise gives the same video and the same cache,
+    the noisy context pass included."""
+    from train.rollout import student_rollout
+
+    model, cache = setup()
+    schedule = FlowMatchSchedule(context_noise=context_noise)
+    runner = ChunkRunner(model, cache(), schedule)
+    train_cache = cache()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        ours = torch.cat([runner(runner.draw_noise(SHAPE, g1)) for _ in range(4)], 2)
+    theirs = student_rollout(model, train_cache, SHAPE, 4 * SHAPE[2], schedule, g2)
+    assert torch.equal(ours, theirs) and torch.equal(runner.cache.k, train_cache.k)
+
+
+def test_exit_step_carries_gradient_through_one_forward():
+    """exit_step k: the first k steps as at inference (no graph), step k with gradients, the context pass without."""
+    model, cache = setup()
+    schedule = FlowMatchSchedule()
+    noises = draw_noises(schedule, SHAPE, torch.Generator().manual_seed(6), torch.device("cpu"))
+    trace = []
+    with torch.no_grad():
+        denoise_chunk(model.forward_chunk, cache(), noises, schedule, trace=trace)
+    calls = []
+    forward = lambda x, t, c: calls.append(torch.is_grad_enabled()) or model.forward_chunk(x, t, c)
+    x0 = denoise_chunk(forward, cache(), noises, schedule, exit_step=2)
+    assert calls == [False, False, True, False] and x0.requires_grad
+    torch.testing.assert_close(x0.detach(), trace[2][0])  # x0 of step 2 at inference
+    with pytest.raises(ValueError, match="exit_step"):
+        denoise_chunk(forward, cache(), noises, schedule, exit_step=4)

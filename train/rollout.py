@@ -11,7 +11,7 @@ from torch import Tensor
 
 from sfpp.cache import RingKVCache
 from sfpp.model import WanModel
-from sfpp.sampler import FlowMatchSchedule, add_noise, denoise_chunk, flow_to_x0, randn
+from sfpp.sampler import FlowMatchSchedule, add_noise, context_pass, denoise_chunk, draw_noises, flow_to_x0, randn
 
 
 def shifted_sigma(u: Tensor | float, shift: float) -> Tensor | float:
@@ -55,33 +55,26 @@ def student_rollout(
     *,
     grad_from: int | None = None,
 ) -> Tensor:
-    """Roll the student out over the ring cache exactly as at inference, from frame 0 to `num_frames`.
+    """Roll the student out over the ring cache exactly as at inference (`sampler.denoise_chunk`), from frame 0 to
+    `num_frames`.
 
     Chunks starting at or after `grad_from` form the training window: each is denoised to a random exit step and
     the x0 predicted there carries gradients (Self-Forcing's one-step backprop); its earlier steps start from the
     student's own re-noised predictions, i.e. backward noise initialisation (eq. 1). Context passes never carry
     gradients. Returns the clean latents [B, C, F, h, w] of the window (of everything if grad_from is None)."""
-    sigmas = schedule.sigmas
     device = cache.k.device
     out = []
     for start in range(0, num_frames, chunk_shape[2]):
-        noise = randn(chunk_shape, generator, device)
+        noises = draw_noises(schedule, chunk_shape, generator, device)
         if grad_from is None or start < grad_from:
-            x0 = denoise_chunk(model, cache, noise, schedule, generator)
+            with torch.no_grad():
+                x0 = denoise_chunk(model.forward_chunk, cache, noises, schedule)
             if grad_from is None:
                 out.append(x0)
-            continue
-        exit_step = int(torch.randint(len(sigmas), (1,), generator=generator))
-        x = noise
-        with torch.no_grad():
-            for i in range(exit_step):
-                x0 = flow_to_x0(x, model.forward_chunk(x, _t(x, sigmas[i]), cache), sigmas[i])
-                x = add_noise(x0, randn(x.shape, generator, device), sigmas[i + 1])
-        x0 = flow_to_x0(x, model.forward_chunk(x, _t(x, sigmas[exit_step]), cache).float(), sigmas[exit_step])
-        with torch.no_grad():
-            model.forward_chunk(x0.detach(), _t(x, schedule.context_noise / 1000), cache)
+        else:
+            exit_step = int(torch.randint(len(schedule.sigmas), (1,), generator=generator))
+            out.append(denoise_chunk(model.forward_chunk, cache, noises, schedule, exit_step=exit_step))
         cache.advance(chunk_shape[2])
-        out.append(x0)
     return torch.cat(out, dim=2)
 
 
@@ -144,21 +137,24 @@ def policy_rollout(
     generator: torch.Generator,
 ) -> list[dict]:
     """A stochastic rollout for GRPO: per chunk, the state before every step, the re-noised action taken after each
-    non-terminal step, their log-probabilities [B, T-1] under the rolling policy, and the chunk's clean output."""
-    sigmas, device = schedule.sigmas, cache.k.device
+    non-terminal step, their log-probabilities [B, T-1] under the rolling policy, the chunk's clean output and its
+    context noise (so a replay writes the same context)."""
     record = []
     for _ in range(0, num_frames, chunk_shape[2]):
-        x = randn(chunk_shape, generator, device)
-        states, logps = [x], []
-        for i, sigma in enumerate(sigmas):
-            x0 = flow_to_x0(x, model.forward_chunk(x, _t(x, sigma), cache).float(), sigma)
-            if i + 1 < len(sigmas):
-                x = add_noise(x0, randn(x.shape, generator, device), sigmas[i + 1])
-                logps.append(gaussian_logp(x, (1 - sigmas[i + 1]) * x0, sigmas[i + 1]))
-                states.append(x)
-        model.forward_chunk(x0, _t(x, schedule.context_noise / 1000), cache)
+        noises = draw_noises(schedule, chunk_shape, generator, cache.k.device)
+        steps: list[tuple[Tensor, Tensor]] = []
+        x0 = denoise_chunk(model.forward_chunk, cache, noises, schedule, trace=steps)
         cache.advance(chunk_shape[2])
-        record.append({"states": states, "logp": torch.stack(logps, 1), "x0": x0})
+        sigmas_next = schedule.sigmas[1:]
+        logp = [gaussian_logp(x_next, (1 - s) * x0_i, s) for (x0_i, x_next), s in zip(steps, sigmas_next, strict=True)]
+        record.append(
+            {
+                "states": [noises[0]] + [x_next for _, x_next in steps],
+                "logp": torch.stack(logp, 1),
+                "x0": x0,
+                "context_noise": noises[-1] if schedule.context_noise > 0 else None,
+            }
+        )
     return record
 
 
@@ -172,6 +168,6 @@ def replay_logp(model: WanModel, cache: RingKVCache, chunk: dict, schedule: Flow
         x0 = flow_to_x0(x, model.forward_chunk(x, _t(x, sigmas[i]), cache).float(), sigmas[i])
         logps.append(gaussian_logp(chunk["states"][i + 1], (1 - sigmas[i + 1]) * x0, sigmas[i + 1]))
     with torch.no_grad():
-        model.forward_chunk(chunk["x0"], _t(chunk["x0"], schedule.context_noise / 1000), cache)
+        context_pass(model.forward_chunk, cache, chunk["x0"], chunk["context_noise"], schedule)
     cache.advance(chunk["x0"].shape[2])
     return torch.stack(logps, 1)
