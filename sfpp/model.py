@@ -448,13 +448,14 @@ class WanModel(nn.Module):
 
         return self._run(x, t, grid, plan.frame_pos, cache.text_kv, attend)
 
+    @torch.no_grad()
     def forward_context(self, x: Tensor, t: Tensor, cache, frames: list[int], frames_per_chunk: int) -> None:
         """Write the K/V of known frames into the cache in one pass: latents x [B, C, F, H, W] of the absolute
         frames `frames` (ascending) at timesteps t [B, F], under the cache's text K/V.
 
         Frames attend block-causally, as if they had been generated chunk by chunk: chunks of `frames_per_chunk`
-        counted back from the newest frame (sinks in chunks of their own), each seeing itself and everything
-        before it, so the K/V equal those of context passes run chunk by chunk over the same latents. Used for a
+        counted back from the newest frame, each seeing itself and every frame before it, so the K/V equal those
+        the chunk loop's context passes wrote for the same latents when no earlier frame has been evicted. Used for a
         prompt switch (the window's frames under the new prompt: LongLive's KV re-cache) and to start a stream
         from given frames. The torch path (a one-off per switch, not part of the chunk step)."""
         t, grid = self._check_latents(x, t)
@@ -464,15 +465,10 @@ class WanModel(nn.Module):
         tokens = h * w
         if x.shape[0] != cache.batch_size or tokens != cache.frame_tokens:
             raise ValueError(f"latents {tuple(x.shape)} do not fit the cache (batch {cache.batch_size})")
-        # Chunk ends, as token counts into the frames: a chunk's queries attend to the keys before its end.
-        newest, ends = frames[-1], []
-        for i, frame in enumerate(frames):
-            if frame < cache.sink:
-                last = i + 1 == len(frames) or frames[i + 1] >= cache.sink or (frame + 1) % frames_per_chunk == 0
-            else:
-                last = i + 1 == len(frames) or (newest - frame) % frames_per_chunk == 0
-            if last:
-                ends.append((i + 1) * tokens)
+        # Chunks as generated: counted back from the newest frame. A chunk's queries attend to the keys up to its
+        # end, a prefix of the frames; ends as token counts.
+        chunk = [(frames[-1] - frame) // frames_per_chunk for frame in frames]
+        ends = [(i + 1) * tokens for i in range(f) if i + 1 == f or chunk[i + 1] != chunk[i]]
         plan = cache.plan_frames(torch.tensor(frames, device=cache.chunk_start.device))
 
         def attend(i: int) -> AttendFn:

@@ -49,8 +49,8 @@ class StatePool:
 
     def take(self, key: tuple) -> StreamState | None:
         with self._lock:
-            for i, state in enumerate(self._free):
-                if state.key == key:
+            for i in reversed(range(len(self._free))):  # the most recently used first
+                if self._free[i].key == key:
                     return self._free.pop(i)
             self._free.clear()
         return None
