@@ -11,7 +11,7 @@ import torch
 
 from sfpp.model import CONFIGS
 from sfpp.pipeline import DTYPES, Pipeline, StreamSettings
-from sfpp.video import export_to_video
+from sfpp.video import export_to_video, read_video
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 
@@ -44,6 +44,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--window", type=int, help="KV-cache window in latent frames (default: the model's)")
     gen.add_argument("--sink", type=int, help="latent frames kept as attention sinks (default: the model's)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    steer = gen.add_argument_group("steering and continuing")
+    steer.add_argument(
+        "--then",
+        nargs=2,
+        action="append",
+        metavar=("TIME", "PROMPT"),
+        help='switch to PROMPT at TIME seconds of generated video (10s or 10), repeatable: --then 10s "..." --then 20s '
+        '"..."; the cached frames are re-encoded under the new prompt (KV re-cache)',
+    )
+    steer.add_argument("--no-recache", action="store_true", help="on a switch, change only the text (no KV re-cache)")
+    steer.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="PATH",
+        help="continue a video (mp4, ...) or start from an image (png, jpg): its frames are resized to the output "
+        "size and come first in the output; --seconds counts the new frames",
+    )
+    steer.add_argument("--without-input", action="store_true", help="with --from: write only the new frames")
     bench = sub.add_parser(
         "bench",
         help="benchmark streaming FPS, latency and memory against Self-Forcing's inference path",
@@ -76,6 +94,14 @@ def _load(args: argparse.Namespace) -> Pipeline:
     return Pipeline.from_config(name, device=args.device, dtype=dtype)
 
 
+def _seconds(text: str) -> float:
+    """'10s' or '10' -> 10.0, for --then."""
+    try:
+        return float(text[:-1] if text.endswith("s") else text)
+    except ValueError:
+        raise ValueError(f"--then TIME must be seconds such as 10s or 2.5, got {text!r}") from None
+
+
 def generate(args: argparse.Namespace) -> int:
     pipe = _load(args)
     if pipe.random_weights:
@@ -88,10 +114,21 @@ def generate(args: argparse.Namespace) -> int:
     if overrides:
         pipe.settings = StreamSettings(**{**pipe.settings.__dict__, **overrides})
     length = {"num_frames": args.num_frames} if args.num_frames is not None else {"seconds": args.seconds or 5.0}
+    schedule = [(_seconds(when), prompt) for when, prompt in args.then] if args.then else None
+    video = read_video(args.from_path) if args.from_path else None
     start = time.perf_counter()
     frames = []
     for chunk in pipe.stream(
-        args.prompt, **length, height=args.height, width=args.width, seed=args.seed, progress=not args.quiet
+        args.prompt,
+        **length,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        progress=not args.quiet,
+        schedule=schedule,
+        recache=not args.no_recache,
+        video=video,
+        include_video=not args.without_input,
     ):
         frames.append(chunk[0])
     video = torch.cat(frames)

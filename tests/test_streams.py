@@ -381,3 +381,67 @@ def test_continue_errors(pipe):
     # Wan's VAE takes 1 + 4k frames: the last ones are kept; floats in [0, 1] become uint8
     video = prepare_video(torch.linspace(0, 1, 10)[:, None, None, None].expand(10, 8, 8, 3), 8, 8, 4, 2)
     assert video.shape == (2, 9, 8, 8, 3) and video.dtype == torch.uint8 and video[0, 0, 0, 0, 0] == 28
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def read_mp4(path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@shipped
+def test_cli_then_and_from(tmp_path, capsys):
+    from PIL import Image
+
+    from sfpp.cli import main
+    from sfpp.video import export_to_video
+
+    spec = WorldSpec((WorldObject("circle", "red", "big", "slowly", (0.4, 0.5), 0.3),), "grey", "plain", None, 1.0)
+    world = ((render(spec, 9, 32).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    Image.fromarray(world[0]).save(tmp_path / "first.png")
+    export_to_video(world, tmp_path / "clip.mp4", fps=8)
+    base = ["generate", "-p", spec.prompt(), "--num-frames", "16", "--seed", "1", "--quiet"]
+    switch = ["--then", "1s", spec.prompt().replace("red", "blue").replace("grey", "teal")]
+    runs = {
+        "plain": [],
+        "then": switch,
+        "png": ["--from", str(tmp_path / "first.png")],
+        "mp4": ["--from", str(tmp_path / "clip.mp4")],
+        "mp4-new": ["--from", str(tmp_path / "clip.mp4"), "--without-input"],
+    }
+    videos = {}
+    for name, extra in runs.items():
+        assert main([*base, *extra, "-o", str(tmp_path / f"{name}.mp4")]) == 0, capsys.readouterr().err
+        videos[name] = read_mp4(tmp_path / f"{name}.mp4").astype(np.float32)
+    assert {k: len(v) for k, v in videos.items()} == {"plain": 16, "then": 16, "png": 17, "mp4": 25, "mp4-new": 16}
+    api = SHIPPED(spec.prompt(), schedule=[(1.0, switch[2])], num_frames=16, seed=1, progress=False).frames[0]
+    assert np.abs(videos["then"] - api.numpy()).mean() < 4  # H.264 is lossy
+    assert np.abs(videos["then"][8:] - videos["plain"][8:]).mean() > 8  # from 1 s on, another background
+    assert np.abs(videos["then"][:8] - videos["plain"][:8]).mean() < 4
+    assert np.abs(videos["mp4"][:9] - world).mean() < 6 and np.abs(videos["mp4"][9:] - videos["mp4-new"]).mean() < 4
+
+
+def test_cli_then_and_from_errors(tmp_path, capsys):
+    from sfpp.cli import main
+
+    base = ["generate", "-p", "x", "--num-frames", "4", "--config", "tiny", "-o", str(tmp_path / "o.mp4"), "--quiet"]
+    cases = [
+        (["--then", "ten", "y"], "--then TIME must be seconds"),
+        (["--then", "0s", "y"], "after 0 s"),
+        (["--then", "2s", "y", "--then", "1s", "z"], "strictly increasing"),
+        (["--from", str(tmp_path / "missing.png")], "no such video or image file"),
+        (["--from", __file__], "cannot read frames"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    image = tmp_path / "i.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    assert main([*base, "--from", str(image)]) == 2
+    assert "has none" in capsys.readouterr().err
