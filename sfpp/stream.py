@@ -46,6 +46,9 @@ class StatePool:
     def __init__(self) -> None:
         self._free: list[StreamState] = []
         self._lock = threading.Lock()
+        # Streams in several threads run their device work one chunk at a time: the GPU serialises it anyway, and a
+        # CUDA graph being captured must not see another stream's kernels.
+        self.device_lock = threading.RLock()
 
     def take(self, key: tuple) -> StreamState | None:
         with self._lock:
@@ -149,21 +152,26 @@ class VideoStream:
         self._state: StreamState | None = None
         self._bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="sfpp")
         try:
-            self._state = pipe._take_state(self.batch, (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2]))
-            self.cache, self.runner = self._state.cache, self._state.runner
-            self.cache.reset()
-            self._set_text(prompts)
-            # The latents each cache slot was written from (the context pass's input), for a re-cache.
-            slots = s.sink + s.window
-            self._context = torch.zeros(self.batch, model.cfg.in_channels, slots, h, w, device=pipe.device)
-            self._decoder = pipe.decoder.stream()
-            self._given = self._start_from(video, include_video) if video is not None else None
+            with pipe._states.device_lock:
+                self._start(prompts, video, include_video, (h, w))
         except torch.OutOfMemoryError as exc:
             self.close()
             raise pipe._oom_error(exc, *self.pixels) from exc
         except BaseException:
             self.close()
             raise
+
+    def _start(self, prompts: list[str], video: Tensor | None, include_video: bool, latent_size: tuple[int, int]):
+        pipe, model, s = self.pipe, self.pipe.transformer, self.pipe.settings
+        h, w = latent_size
+        self._state = pipe._take_state(self.batch, (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2]))
+        self.cache, self.runner = self._state.cache, self._state.runner
+        self.cache.reset()
+        self._set_text(prompts)
+        # The latents each cache slot was written from (the context pass's input), for a re-cache.
+        self._context = torch.zeros(self.batch, model.cfg.in_channels, s.sink + s.window, h, w, device=pipe.device)
+        self._decoder = pipe.decoder.stream()
+        self._given = self._start_from(video, include_video) if video is not None else None
 
     # --- steering
 
@@ -238,7 +246,8 @@ class VideoStream:
             self.close()
             raise StopIteration
         try:
-            return self._next_chunk()
+            with self.pipe._states.device_lock:
+                return self._next_chunk()
         except torch.OutOfMemoryError as exc:
             self.close()
             raise self.pipe._oom_error(exc, *self.pixels) from exc

@@ -65,6 +65,25 @@ def test_interleaved_streams_equal_streams_alone(pipe):
         assert list(stream) == [] and torch.equal(torch.cat(out, 1), exp)
 
 
+def test_streams_in_threads_equal_streams_alone(pipe):
+    """A server runs one stream per connection in its own thread, switching prompts from another."""
+    import threading
+
+    expected = {seed: alone(pipe, "a red ball", seed) for seed in (5, 6, 7)}
+    results = {}
+
+    def consume(seed):
+        stream = pipe.stream("a red ball", num_frames=30, seed=seed, progress=False)
+        results[seed] = torch.cat(list(stream), 1)
+
+    threads = [threading.Thread(target=consume, args=(seed,)) for seed in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(results[seed], expected[seed]) for seed in expected)
+
+
 def test_finished_streams_hand_their_cache_to_the_next():
     pipe = tiny_pipe()
     first = pipe.stream("a", num_frames=5, seed=0, progress=False)
