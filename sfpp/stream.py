@@ -257,12 +257,13 @@ class VideoStream:
 
     def _next_chunk(self) -> Tensor | tuple[Tensor, Tensor]:
         pipe, cache, runner = self.pipe, self.cache, self.runner
+        due = None
         while self._switches and self._switches[0][0] <= self.frames_done:
-            self._switch(self._switches.pop(0)[1], self.recache)
+            due = (self._switches.pop(0)[1], self.recache)  # of several due at once, the last one counts
         with self._lock:
             pending, self._pending = self._pending, None
-        if pending is not None:
-            self._switch(*pending)
+        if pending or due:
+            self._switch(*(pending or due))
         start = cache.frames_done
         # The chunk's noise, drawn in the eager sampler's order: the same video in every runner mode.
         noises = runner.draw_noise(self.shape, self.generator, pipe.device)

@@ -386,6 +386,23 @@ def test_continue_from_an_image_and_resize():
     assert (out[0, 0].float().mean((0, 1)) - out[0, 1:].float().mean((0, 1, 2))).abs().max() < 40
 
 
+def test_continue_with_the_wan_vae():
+    """Wan's VAE encodes 1 + 4k frames (the last ones of a longer clip) and its decoder continues from them: the
+    first new chunk decodes to 4 frames per latent frame, not 1 + 4 (n) as a video's first chunk does."""
+    from sfpp.vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(0)
+    model = randomize_(WanModel(TEST_CONFIG), scale=0.1)
+    text = ByteTextEncoder(ByteTextEncoderConfig(text_dim=TEST_CONFIG.text_dim, text_len=TEST_CONFIG.text_len))
+    settings = StreamSettings(frames_per_chunk=2, window=5, sink=1, height=32, width=32, fps=8)
+    pipe = Pipeline(model, text, WanVAE(WanVAEConfig(base_dim=8)).eval(), settings=settings)
+    clip = torch.randint(0, 255, (10, 32, 32, 3), dtype=torch.uint8)
+    stream = pipe.stream("a red ball", video=clip, num_frames=16, seed=0, progress=False, return_latents=True)
+    (given, z), *chunks = list(stream)
+    assert torch.equal(given[0], clip[1:]) and z.shape == (1, 16, 3, 4, 4)  # frames 1..9: 1 + 4 * 2
+    assert [f.shape[1] for f, _ in chunks] == [8, 8]
+
+
 def test_continue_errors(pipe):
     with pytest.raises(ValueError, match="LatentPreviewDecoder\\) has none"):
         pipe.stream("a", video=torch.zeros(3, 32, 48, 3, dtype=torch.uint8), num_frames=5)
