@@ -49,6 +49,40 @@ def rollout(pipe: Pipeline, prompts: list[str], latent_frames: int, horizon: int
     return {"per_window": windows, "chunk_ms": chunk_ms, "rebase_chunks": rebase_chunks}
 
 
+def rebase_cost(pipe: Pipeline, prompt: str, repeats: int = 50) -> dict:
+    """Median ms of a chunk (batch 1, window full) and of the re-base itself (`rotate_window_keys`, done once per
+    `rope_max_positions - sink - window` frames), and the bytes a re-base moves for this model and for Wan2.1-1.3B
+    at 832x480 in bf16 (computed)."""
+    from sfpp.model import get_config
+
+    stream = pipe.stream(prompt, seed=0, progress=False)
+    chunk_ms, rotate_ms = [], []
+    for _ in range(8):
+        next(stream)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        next(stream)
+        chunk_ms.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        stream.cache.rotate_window_keys(0)
+        rotate_ms.append((time.perf_counter() - start) * 1000)
+    stream.close()
+
+    def rebase_bytes(cfg, window_tokens: int, element: int) -> int:  # read + write of the keys' temporal dims
+        return 2 * cfg.num_layers * window_tokens * cfg.num_heads * cfg.rope_split[0] * element
+
+    s, cfg = pipe.settings, pipe.transformer.cfg
+    tokens = (s.height // pipe.decoder.spatial_factor // cfg.patch_size[1]) ** 2  # square toy frames
+    wan = get_config("wan2.1-1.3b")
+    return {
+        "chunk_ms_median": float(np.median(chunk_ms)),
+        "rebase_ms_median": float(np.median(rotate_ms)),
+        "chunks_between_rebases": (cfg.rope_max_positions - s.sink - s.window) // s.frames_per_chunk,
+        "rebase_bytes": rebase_bytes(cfg, s.window * tokens, 4),
+        "rebase_bytes_wan_1.3b_832x480_bf16": rebase_bytes(wan, 21 * 1560, 2),
+    }
+
+
 def summary(result: dict, limit: int, horizon: int) -> dict:
     lum, dyn = (np.array(result["per_window"][k]) for k in ("luminance", "dynamic"))
     past = slice(limit // horizon, None)  # windows after the RoPE table's end
@@ -126,6 +160,15 @@ def table(summaries: dict, limit: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cost_line(cost: dict) -> str:
+    return (
+        f"\nRe-base cost (batch 1, one CPU thread): {cost['rebase_ms_median']:.2f} ms once every "
+        f"{cost['chunks_between_rebases']} chunks, against {cost['chunk_ms_median']:.0f} ms per chunk; it moves "
+        f"{cost['rebase_bytes'] / 2**10:.0f} KiB here and {cost['rebase_bytes_wan_1.3b_832x480_bf16'] / 2**30:.2f} "
+        f"GiB for Wan2.1-1.3B at 832x480 in bf16 (computed).\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -134,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--sinks", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--rope-limit", type=int, help="pretend the RoPE table is this short (quick checks)")
+    parser.add_argument("--cost-only", action="store_true", help="only time a chunk and a re-base (into results.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -144,6 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     horizon, limit = pipe.settings.window, pipe.transformer.cfg.rope_max_positions
     prompts = [sample_spec(7_000_000 + i).prompt() for i in range(args.prompts)]  # train/evaluate.py's prompts
     base = pipe.settings
+    if args.cost_only:
+        cost = rebase_cost(pipe, prompts[0])
+        print(json.dumps(cost))
+        saved = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+        (out / "results.json").write_text(json.dumps({**saved, "rebase_cost": cost}, indent=1))
+        if "summary" in saved:
+            (out / "table.md").write_text(table(saved["summary"], limit) + cost_line(cost))
+        return
     results, summaries = {}, {}
     for sink in args.sinks:
         pipe.settings = replace(base, sink=sink)
