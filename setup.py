@@ -1,8 +1,9 @@
 """sfpp's install. The CUDA C++ ops (csrc/, built through CMakeLists.txt into sfpp/_cuda_ops) are compiled when nvcc,
 cmake and pybind11 are present and skipped with a message otherwise; SFPP_BUILD_CUDA=1 forces the build (failing
-loudly), SFPP_BUILD_CUDA=0 skips it. SFPP_CUDA_ARCHS picks the architectures (default "80;90")."""
+loudly), SFPP_BUILD_CUDA=0 skips it. SFPP_CUDA_ARCHS picks the architectures (default "80;90a")."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+# The version is written once, in sfpp/__init__.py (`sfpp --version` prints it).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "sfpp" / "__init__.py").read_text(), re.M).group(1)
 
 
 def _why_no_cuda_build() -> str | None:
@@ -44,7 +47,7 @@ class CMakeBuild(build_ext):
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
-        archs = os.environ.get("SFPP_CUDA_ARCHS", "80;90")
+        archs = os.environ.get("SFPP_CUDA_ARCHS", "80;90a")
         configure = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
@@ -56,18 +59,20 @@ class CMakeBuild(build_ext):
 
 setup(
     name="sfpp",
-    version="0.1.0",
+    version=VERSION,
     description="Streaming autoregressive video diffusion: Self-Forcing++ on a Wan2.1 DiT",
     python_requires=">=3.10",
     packages=find_packages(include=["sfpp", "sfpp.*", "kernels", "kernels.*", "train", "train.*", "bench", "bench.*"]),
-    package_data={"sfpp": ["assets/**/*"]},
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av"],
+    package_data={"sfpp": ["assets/**/*", "dispatch_table.json"]},
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av", "aiohttp>=3.9"],  # aiohttp: sfpp serve
     extras_require={
         # triton: the kernels' CPU tests run them in Triton's interpreter; pybind11/cmake: the CUDA build test
         "test": [
             *["pytest", "diffusers>=0.35", "transformers", "ruff", "pytest-benchmark", "tokenizers"],
             *["triton", "pybind11", "cmake"],
             *["opencv-python-headless", "matplotlib"],  # the training stack's smoke tests
+            "flashdreams==0.1.0",  # its TAEHV: the tiny decoder's test oracle (pure Python; pulls boto3, loguru, tyro)
+            "playwright",  # drives a system Chromium in sfpp serve's browser test (never downloads browsers)
         ],
         "gpu": ["triton", "pybind11"],
         "train": ["opencv-python-headless", "matplotlib"],  # optical flow (reward, metrics), evaluation plots

@@ -3,8 +3,10 @@ path (the model's ops) and the copy bandwidth measured in the same run, at the W
 
     python -m bench.bench_cache_write
 
-GB/s counts the bytes the op must move: read q, k, v; write q, K, V (and the fp8 scales). Needs a CUDA GPU; on a CPU
-it runs a tiny smoke configuration through the torch reference and Triton's interpreter and saves nothing.
+GB/s counts the bytes the op must move: read q, k, v; write q, K, V (and the fp8 scales). Records the fastest backend
+per K/V dtype for this GPU model in `sfpp/dispatch_table.json`, which `backend="auto"` reads (`--table` elsewhere,
+`--no-table` to leave it). Needs a CUDA GPU; on a CPU it runs a tiny smoke configuration through the torch
+reference and Triton's interpreter and saves nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_ring_attention import bench_ms
-from bench.common import save
+from bench.common import dispatch_meta, save
 from sfpp.cache import RingKVCache
 from sfpp.model import WanConfig, rope_table
 
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--frames", type=int, default=3)
     p.add_argument("--window", type=int, default=21)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--table", default=None, help="dispatch table to update (default: sfpp/dispatch_table.json)")
+    p.add_argument("--no-table", action="store_true", help="do not record the fastest backend")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = WanConfig()
@@ -43,20 +47,29 @@ def main(argv: list[str] | None = None) -> dict:
     tables = [t.to(device) for t in rope_table(cfg)]
     norms = [torch.ones(cfg.dim, device=device, dtype=torch.bfloat16) for _ in range(2)]
     q, k, v = (torch.randn(1, length, cfg.dim, device=device, dtype=torch.bfloat16) for _ in "qkv")
-    rows = []
+    rows, dispatch = [], {}
     for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        if kv_dtype == torch.float8_e4m3fn and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            continue  # no fp8 cache through Triton before sm_89
         cache = RingKVCache(cfg, batch_size=1, frame_tokens=tokens, window=args.window, dtype=torch.bfloat16,
                             kv_dtype=kv_dtype, device=device)  # fmt: skip
         plan = cache.plan(1, args.frames, tokens)
         kv_bytes = 1 if kv_dtype == torch.float8_e4m3fn else 2
         moved = length * cfg.dim * (3 * 2 + 2 + 2 * kv_bytes) + (8 * length * cfg.num_heads if kv_bytes == 1 else 0)
+        timed = {}
         for backend in ops.available("cache_write", device):
             args_ = (q, k, v, *norms, *tables, plan.frame_pos, plan.token_index, *cache.layer(0))
             fn = partial(ops.cache_write, *args_, args.height, args.width, cfg.rope_split, cfg.eps, backend=backend)
             fn()
             ms = bench_ms(fn, device)
+            timed[backend] = ms
             rows.append({"provider": backend, "kv_dtype": str(kv_dtype), "ms": ms, "gbps": moved / ms / 1e6})
             print(f"{str(kv_dtype):22s} {backend:8s} {ms:8.4f} ms {moved / ms / 1e6:8.1f} GB/s")
+        if device.type == "cuda" and not args.no_table:
+            op = "cache_write:fp8" if kv_dtype == torch.float8_e4m3fn else "cache_write"
+            meta = dispatch_meta("bench_cache_write", tokens=length, dim=cfg.dim)
+            table = Path(args.table) if args.table else None
+            dispatch[op] = ops.write_dispatch_table(op, torch.cuda.get_device_name(device), timed, meta, table)
     src = torch.empty(length * cfg.dim * 4, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src), device)
@@ -64,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"copy (same order of bytes) {ms:8.4f} ms {2 * src.numel() * 2 / ms / 1e6:8.1f} GB/s")
     if device.type != "cuda":
         return {"rows": rows}
-    results = {"tokens": length, "dim": cfg.dim, "heads": cfg.num_heads, "rows": rows}
+    results = {"tokens": length, "dim": cfg.dim, "heads": cfg.num_heads, "rows": rows, "dispatch": dispatch}
+    print("dispatch table:", dispatch)
     print("saved", save("bench_cache_write", device, results, Path(args.out_dir) if args.out_dir else None))
     return results
 

@@ -1,11 +1,14 @@
-"""Ring attention of one chunk over the full KV cache: ours (triton: bf16, fp8 K/V, fp8 tensor cores) against torch
-SDPA per backend, FlexAttention with a block mask, flash-attn and xformers where installed, measured in one run.
+"""Ring attention of one chunk over the valid prefix of the KV cache, at each fill level: ours (Triton, every GPU tile
+configuration, bf16 and fp8 K/V) against the torch backend of `sfpp.ops` (SDPA over the prefix, no mask), each SDPA
+backend, FlexAttention, flash-attn and xformers where installed, measured in one run.
 
-    python -m bench.bench_ring_attention                      # Wan 1.3B: 4680 queries, 12 heads of 128, 21 frames
-    python -m bench.bench_ring_attention --windows 6 12 21    # smaller windows too
+    python -m bench.bench_ring_attention                      # Wan 1.3B: 4680 queries, 12 heads of 128
+    python -m bench.bench_ring_attention --windows 3 6 12 21  # fill levels: 3 frames (first chunk) .. 21 (full)
 
-Reports TFLOP/s (4 * B * H * Lq * Lk * D / time) and saves JSON under bench/results/. Needs a CUDA GPU; on a CPU
-it runs a tiny smoke configuration of our kernel through Triton's interpreter and saves nothing.
+Reports TFLOP/s (4 * B * H * Lq * Lk * D / time) and saves JSON under bench/results/. At the largest window (the
+steady state) it records the fastest backend and Triton tile per GPU model in `sfpp/dispatch_table.json`, which
+`backend="auto"` reads (`--table` elsewhere, `--no-table` to leave it). Needs a CUDA GPU; on a CPU it runs a tiny
+smoke configuration of our kernel through Triton's interpreter and saves nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import save
+from bench.common import dispatch_meta, save
 
 FRAME_TOKENS = 1560  # 480x832 latents: 30 x 52 patches
 
@@ -31,20 +34,37 @@ def bench_ms(fn, device: torch.device) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200)
 
 
-def providers(q, k, v, slot_frame, tokens):
-    """name -> zero-argument callable, for every provider that can run here."""
-    from kernels.ring_attention import ring_attention
-    from sfpp.cache import quantize_fp8
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [B, N, H, D] copied into the fp8 cache's V layout (rows contiguous, as `RingKVCache` stores fp8 V)."""
+    b, n, h, d = x.shape
+    out = torch.empty(b, h, d, -(-n // 16) * 16, dtype=x.dtype, device=x.device)[..., :n].permute(0, 3, 1, 2)
+    out.view(torch.uint8).copy_(x.view(torch.uint8))
+    return out
 
+
+def providers(q, k, v, rows: int, device: torch.device) -> dict:
+    """name -> zero-argument callable, for every provider that can run here; keys attend over k/v[:, :rows]."""
+    from kernels import _device
+    from kernels.ring_attention import TILES, ring_attention
+    from sfpp.attention import ring_attention_ref
+    from sfpp.fp8 import quantize_fp8
+
+    kr, vr = k[:, :rows], v[:, :rows]
+    valid = torch.tensor(rows, device=device)
     (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
-    out = {
-        "ours-triton-bf16": lambda: ring_attention(q, k, v, slot_frame, tokens),
-        "ours-triton-fp8kv": lambda: ring_attention(q, k8, v8, slot_frame, tokens, ks, vs),
-        "ours-triton-fp8dot": lambda: ring_attention(q, k8, v8, slot_frame, tokens, ks, vs, fp8_dot=True),
-    }
-    if q.device.type != "cuda":
+    v8 = rows_contiguous(v8)
+    arch = _device.arch(device)
+    tiles = {n: t for n, t in TILES.items() if (n == "interpreter") == (arch is None)}
+    out = {}
+    for name, tile in tiles.items():
+        out[f"triton-bf16-{name}"] = lambda tile=tile: ring_attention(q, k, v, valid, tile=tile)
+        if arch is None or arch >= 89:
+            out[f"triton-fp8-{name}"] = lambda tile=tile: ring_attention(q, k8, v8, valid, ks, vs, tile=tile)
+    out["torch"] = lambda: ring_attention_ref(q, k, v, rows)  # sfpp.ops' torch backend: SDPA over the prefix
+    out["torch-fp8"] = lambda: ring_attention_ref(q, k8, v8, rows, ks, vs)  # dequantize the prefix, then SDPA
+    if device.type != "cuda":
         return out
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D] views, as SDPA takes them
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, kr, vr))  # [B, H, L, D] views, as SDPA takes them
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
@@ -52,7 +72,7 @@ def providers(q, k, v, slot_frame, tokens):
 
         def run(backend=backend):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(qt, kt, vt)  # the full ring: every key valid, no mask
+                return F.scaled_dot_product_attention(qt, kt, vt)
 
         try:
             run()
@@ -62,35 +82,56 @@ def providers(q, k, v, slot_frame, tokens):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        valid = (slot_frame >= 0).repeat_interleave(tokens)
-        mask = create_block_mask(lambda b, h, qi, ki: valid[ki], None, None, q.shape[1], k.shape[1], q.device)
+        kfull, vfull = k.transpose(1, 2), v.transpose(1, 2)  # the whole ring, the prefix as a block mask
+        mask = create_block_mask(lambda b, h, qi, ki: ki < rows, None, None, q.shape[1], k.shape[1], device)
         flex = torch.compile(flex_attention)
-        flex(qt, kt, vt, block_mask=mask)
-        out["flex-attention"] = lambda: flex(qt, kt, vt, block_mask=mask)
+        flex(qt, kfull, vfull, block_mask=mask)
+        out["flex-attention"] = lambda: flex(qt, kfull, vfull, block_mask=mask)
     except Exception as e:  # noqa: BLE001 (a baseline that cannot run here is reported, not fatal)
         print(f"flex-attention unavailable: {e}", file=sys.stderr)
     try:
         from flash_attn import flash_attn_func
 
-        out["flash-attn"] = lambda: flash_attn_func(q, k, v)
+        out["flash-attn"] = lambda: flash_attn_func(q, kr, vr)
     except ImportError:
         pass
     try:
         import xformers.ops as xops
 
-        out["xformers"] = lambda: xops.memory_efficient_attention(q, k, v)
+        out["xformers"] = lambda: xops.memory_efficient_attention(q, kr, vr)
     except ImportError:
         pass
     return out
 
 
+def record_dispatch(rows: list[dict], device: torch.device, table: Path | None) -> dict:
+    """The fastest of ours (best tile) and the torch backend at the steady state, bf16 and fp8, into the table."""
+    from sfpp import ops
+
+    window = max(r["window"] for r in rows)
+    at = {r["provider"]: r["ms"] for r in rows if r["window"] == window}
+    chosen = {}
+    for op, kind in (("ring_attention", "bf16"), ("ring_attention:fp8", "fp8")):
+        tiles = {p.split("-", 2)[2]: ms for p, ms in at.items() if p.startswith(f"triton-{kind}-")}
+        torch_ms = at.get("torch" if kind == "bf16" else "torch-fp8", float("nan"))
+        if not tiles:
+            continue
+        best = min(tiles, key=tiles.get)
+        ms = {"triton": tiles[best], "torch": torch_ms}
+        meta = dispatch_meta("bench_ring_attention", tile=best, window=window)
+        chosen[op] = ops.write_dispatch_table(op, torch.cuda.get_device_name(device), ms, meta, table)
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--windows", type=int, nargs="+", default=[6, 12, 21], help="ring sizes in latent frames")
+    p.add_argument("--windows", type=int, nargs="+", default=[3, 6, 12, 21], help="valid ring frames (fill levels)")
     p.add_argument("--chunk-frames", type=int, default=3)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--table", default=None, help="dispatch table to update (default: sfpp/dispatch_table.json)")
+    p.add_argument("--no-table", action="store_true", help="do not record the fastest backend")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = FRAME_TOKENS
@@ -99,24 +140,31 @@ def main(argv: list[str] | None = None) -> dict:
         print("no CUDA device: smoke run of our kernel at a tiny size through Triton's interpreter; nothing saved")
         args.windows, args.heads, args.head_dim, tokens = [2], 2, 16, 8
 
+    g = torch.Generator(device).manual_seed(0)
+    lq, lk = args.chunk_frames * tokens, max(args.windows) * tokens
+    q = torch.randn(1, lq, args.heads, args.head_dim, generator=g, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, lk, args.heads, args.head_dim, generator=g, device=device, dtype=torch.bfloat16)
+            for _ in "kv")  # fmt: skip
     rows = []
     for window in args.windows:
-        g = torch.Generator(device).manual_seed(0)
-        lq, lk = args.chunk_frames * tokens, window * tokens
-        q = torch.randn(1, lq, args.heads, args.head_dim, generator=g, device=device, dtype=torch.bfloat16)
-        k, v = (torch.randn(1, lk, args.heads, args.head_dim, generator=g, device=device, dtype=torch.bfloat16)
-                for _ in "kv")  # fmt: skip
-        slot_frame = torch.arange(window, device=device)
-        flops = 4 * args.heads * lq * lk * args.head_dim
-        for name, fn in providers(q, k, v, slot_frame, tokens).items():
-            if device.type != "cuda":
-                fn()  # smoke: it runs
-            ms = bench_ms(fn, device)
-            rows.append({"provider": name, "window": window, "lq": lq, "lk": lk, "ms": ms, "tflops": flops / ms / 1e9})
-            print(f"window {window:3d} ({lk} keys) {name:22s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s")
+        valid = window * tokens
+        flops = 4 * args.heads * lq * valid * args.head_dim
+        for name, fn in providers(q, k, v, valid, device).items():
+            try:
+                fn()
+                ms = bench_ms(fn, device)
+            except Exception as e:  # noqa: BLE001 (a tile that does not fit this GPU is reported, not fatal)
+                print(f"window {window:3d} {name}: failed ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+                ms = float("nan")
+            rows.append({"provider": name, "window": window, "lq": lq, "lk": valid, "ms": ms,
+                         "tflops": flops / ms / 1e9})  # fmt: skip
+            print(f"window {window:3d} ({valid} keys) {name:26s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s")
     if device.type != "cuda":
         return {"rows": rows}
     results = {"heads": args.heads, "head_dim": args.head_dim, "dtype": "bfloat16", "rows": rows}
+    if not args.no_table:
+        results["dispatch"] = record_dispatch(rows, device, Path(args.table) if args.table else None)
+        print("dispatch table:", results["dispatch"])
     print("saved", save("bench_ring_attention", device, results, Path(args.out_dir) if args.out_dir else None))
     return results
 

@@ -47,6 +47,7 @@ def steps(smoke: bool, out: Path) -> list[Step]:
             Step("e2e", ("bench.e2e", "--config", "tiny", "--height", "32", "--width", "32", "--vae-base-dim", "8",
                          "--chunks", "2", "--long-frames", "12", "--modes", "eager", "--kv-dtypes", "fp32",
                          "--window", "6", *o), 300),  # fmt: skip
+            Step("decoders", ("bench.bench_decoders", "--height", "2", "--width", "2", "--chunks", "1", *o), 120),
         ]
     gpu_tests = ("tests/test_gpu.py", "tests/test_graph.py", "tests/test_csrc.py", "tests/test_kernels_model.py",
                  *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_kernels_*.py"))))  # fmt: skip
@@ -59,6 +60,8 @@ def steps(smoke: bool, out: Path) -> list[Step]:
         # 900 latent frames (chunk 300), sfpp's default path, fp8 KV, eager, and Self-Forcing's path.
         Step("e2e", ("bench.e2e", "--modes", "graph,eager", "--kv-dtypes", "bf16,fp8", "--long-frames", "900", *o),
              240),  # fmt: skip
+        # Tiny decoder (TAEHV) vs the Wan VAE decoder, ms per 3-latent-frame chunk at 832x480, bf16.
+        Step("decoders", ("bench.bench_decoders", *o), 180),
     ]
 
 

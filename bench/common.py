@@ -29,6 +29,16 @@ def commit() -> str:
         return "unknown"
 
 
+def dispatch_meta(name: str, **extra) -> dict:
+    """How a dispatch-table entry was measured: commit, date, command, and any shape details."""
+    return {
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "-m", f"bench.{name}", *sys.argv[1:]]),
+        **extra,
+    }
+
+
 def save(name: str, device: torch.device, results: dict, out_dir: Path | None = None) -> Path:
     record = {
         "benchmark": name,

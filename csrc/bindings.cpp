@@ -27,27 +27,7 @@ void check(int code, const char* op) {
 }  // namespace
 
 PYBIND11_MODULE(_cuda_ops, m) {
-  m.doc() = "sfpp CUDA C++ ops (cache write, noise step): raw pointers + strides + stream";
-
-  m.def("noise_step", [](const py::dict& d, std::uintptr_t stream) {
-    sfpp::NoiseStepParams p;
-    p.x = ptr<const void>(d, "x");
-    p.flow = ptr<const void>(d, "flow");
-    p.sigma = ptr<const float>(d, "sigma");
-    p.sigma_next = ptr<const float>(d, "sigma_next");
-    p.sigma_val = d["sigma_val"].cast<float>();
-    p.sigma_next_val = d["sigma_next_val"].cast<float>();
-    p.x0 = ptr<float>(d, "x0");
-    p.x_next = ptr<float>(d, "x_next");
-    p.numel = i64(d, "numel");
-    p.frame_size = i64(d, "frame_size");
-    p.frames = i64(d, "frames");
-    p.sample_size = i64(d, "sample_size");
-    p.seed = d["seed"].cast<uint64_t>();
-    p.counter0 = d["counter0"].cast<uint64_t>();
-    p.dtype = static_cast<sfpp::DType>(i64(d, "dtype"));
-    check(sfpp::noise_step(p, reinterpret_cast<void*>(stream)), "noise_step");
-  });
+  m.doc() = "sfpp CUDA C++ ops (cache write): raw pointers + strides + stream";
 
   m.def("cache_write", [](const py::dict& d, std::uintptr_t stream) {
     sfpp::CacheWriteParams p;
@@ -69,7 +49,8 @@ PYBIND11_MODULE(_cuda_ops, m) {
                               {&p.head_dim, "head_dim"}, {&p.height, "height"}, {&p.width, "width"},
                               {&p.t_half, "t_half"}, {&p.h_half, "h_half"}, {&p.q_sb, "q_sb"}, {&p.q_sl, "q_sl"},
                               {&p.k_sb, "k_sb"}, {&p.k_sl, "k_sl"}, {&p.v_sb, "v_sb"}, {&p.v_sl, "v_sl"},
-                              {&p.c_sb, "c_sb"}, {&p.c_sl, "c_sl"}, {&p.c_sh, "c_sh"}, {&p.s_sb, "s_sb"},
+                              {&p.c_sb, "c_sb"}, {&p.c_sl, "c_sl"}, {&p.c_sh, "c_sh"}, {&p.cv_sb, "cv_sb"},
+                              {&p.cv_sl, "cv_sl"}, {&p.cv_sh, "cv_sh"}, {&p.cv_sd, "cv_sd"}, {&p.s_sb, "s_sb"},
                               {&p.s_sl, "s_sl"}, {&p.o_sb, "o_sb"}, {&p.o_sl, "o_sl"}})
       *field = i64(d, key);
     p.eps = d["eps"].cast<float>();

@@ -8,7 +8,7 @@
 
 namespace sfpp {
 
-constexpr float kFp8Max = 448.f;
+constexpr float kFp8Max = 448.f;  // largest finite e4m3, as sfpp/fp8.py (FP8_MAX)
 
 __device__ inline float block_sum(float v, float* shared) {  // all threads get the sum; shared has 32 floats
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -37,20 +37,25 @@ __device__ inline float2 norm_rope_pair(const T* row, const T* w, float r, int64
   return make_float2(round_to<T>(x0 * c - x1 * s), round_to<T>(x0 * s + x1 * c));
 }
 
+// Element strides of one cache: (batch, row, head, dim).
+struct CacheStrides {
+  int64_t b, l, h, d;
+};
+
 // Stores one head's pair into the cache, quantized against the head's amax when fp8 (amax [H] in shared memory).
 template <class T>
-__device__ inline void store_pair(const CacheWriteParams& p, void* cache, float* scale, const unsigned* amax,
-                                  int64_t b, int64_t dst, int64_t h, int64_t j, float2 y) {
-  const int64_t at = b * p.c_sb + dst * p.c_sl + h * p.c_sh + 2 * j;
+__device__ inline void store_pair(const CacheWriteParams& p, void* cache, CacheStrides st, float* scale,
+                                  const unsigned* amax, int64_t b, int64_t dst, int64_t h, int64_t j, float2 y) {
+  const int64_t at = b * st.b + dst * st.l + h * st.h + 2 * j * st.d;
   if (!p.fp8) {
     static_cast<T*>(cache)[at] = from_f32<T>(y.x);
-    static_cast<T*>(cache)[at + 1] = from_f32<T>(y.y);
+    static_cast<T*>(cache)[at + st.d] = from_f32<T>(y.y);
     return;
   }
   const float sc = fmaxf(__uint_as_float(amax[h]), 1e-12f) / kFp8Max;
   __nv_fp8_e4m3* out = static_cast<__nv_fp8_e4m3*>(cache);
   out[at] = __nv_fp8_e4m3(fminf(fmaxf(y.x / sc, -kFp8Max), kFp8Max));  // round to nearest even, as torch
-  out[at + 1] = __nv_fp8_e4m3(fminf(fmaxf(y.y / sc, -kFp8Max), kFp8Max));
+  out[at + st.d] = __nv_fp8_e4m3(fminf(fmaxf(y.y / sc, -kFp8Max), kFp8Max));
   if (j == 0) scale[b * p.s_sb + dst * p.s_sl + h] = sc;
 }
 
@@ -83,8 +88,8 @@ __global__ void cache_write_kernel(CacheWriteParams p) {
         atomicMax(&amax[p.heads + h], __float_as_uint(fmaxf(fabsf(vy.x), fabsf(vy.y))));
         continue;
       }
-      store_pair<T>(p, p.k_cache, p.k_scale, amax, b, dst, h, j, ky);
-      store_pair<T>(p, p.v_cache, p.v_scale, amax + p.heads, b, dst, h, j, vy);
+      store_pair<T>(p, p.k_cache, {p.c_sb, p.c_sl, p.c_sh, 1}, p.k_scale, amax, b, dst, h, j, ky);
+      store_pair<T>(p, p.v_cache, {p.cv_sb, p.cv_sl, p.cv_sh, p.cv_sd}, p.v_scale, amax + p.heads, b, dst, h, j, vy);
       const float2 qy = norm_rope_pair(q, static_cast<const T*>(p.norm_q), rq, pair, c, s);
       q_out[2 * pair] = from_f32<T>(qy.x);
       q_out[2 * pair + 1] = from_f32<T>(qy.y);

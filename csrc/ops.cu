@@ -2,7 +2,6 @@
 #include <cuda_runtime.h>
 
 #include "cache_write.cuh"
-#include "noise_step.cuh"
 
 namespace sfpp {
 
@@ -17,16 +16,10 @@ static int dispatch(DType dtype, const P& p, void* stream) {
   return int(cudaErrorInvalidValue);
 }
 
-template <class T> struct NoiseStep {
-  static cudaError_t run(const NoiseStepParams& p, cudaStream_t s) { return launch_noise_step<T>(p, s); }
-};
 template <class T> struct CacheWrite {
   static cudaError_t run(const CacheWriteParams& p, cudaStream_t s) { return launch_cache_write<T>(p, s); }
 };
 
-int noise_step(const NoiseStepParams& p, void* stream) {
-  return p.numel == 0 ? 0 : dispatch<NoiseStep>(p.dtype, p, stream);
-}
 int cache_write(const CacheWriteParams& p, void* stream) {
   if (p.head_dim % 2 || p.length == 0) return p.length == 0 ? 0 : int(cudaErrorInvalidValue);
   return dispatch<CacheWrite>(p.dtype, p, stream);

@@ -7,22 +7,6 @@ namespace sfpp {
 
 enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-// x_next = (1 - sigma_next) * x0 + sigma_next * noise, x0 = x - sigma * flow (x0 = x without flow). The noise of
-// flattened element i is lane g % 4 of Philox4x32-10 at counter g / 4, g = i + offset (see philox.cuh).
-struct NoiseStepParams {
-  const void* x = nullptr;           // [numel] in `dtype`
-  const void* flow = nullptr;        // [numel] in `dtype`, or null
-  const float* sigma = nullptr;      // [B, F] per-frame sigmas, or null for sigma_val
-  const float* sigma_next = nullptr; // [B, F], or null for sigma_next_val
-  float sigma_val = 0.f, sigma_next_val = 0.f;
-  float* x0 = nullptr;               // [numel] fp32, or null (not stored)
-  float* x_next = nullptr;           // [numel] fp32 (may alias x when x is fp32)
-  int64_t numel = 0;
-  int64_t frame_size = 1, frames = 1, sample_size = 1;  // H*W, F, C*F*H*W of [B, C, F, H, W]
-  uint64_t seed = 0, counter0 = 0;   // counter0 = offset / 4
-  DType dtype = DType::kF32;
-};
-
 // q/k RMSNorm over the model dim, 3D RoPE (adjacent pairs) at absolute frame positions, K/V written into the ring
 // rows token_index[l] (fp8 e4m3 with per-token-per-head scales when fp8), normed roped q returned in q_out.
 struct CacheWriteParams {
@@ -30,12 +14,13 @@ struct CacheWriteParams {
   const void *norm_q = nullptr, *norm_k = nullptr;      // [H*D]
   const float *cos = nullptr, *sin = nullptr;           // [P, D/2] RoPE tables
   const int64_t *frame_pos = nullptr, *token_index = nullptr;  // [Fc], [L]
-  void *k_cache = nullptr, *v_cache = nullptr;          // [B, S*T, H, D], head dim contiguous
+  void *k_cache = nullptr, *v_cache = nullptr;          // [B, S*T, H, D]; K head dim contiguous, V any strides
   float *k_scale = nullptr, *v_scale = nullptr;         // [B, S*T, H], heads contiguous (fp8 only)
   void* q_out = nullptr;                                // [B, L, H, D]
   int64_t batch = 0, length = 0, heads = 0, head_dim = 0, height = 0, width = 0, t_half = 0, h_half = 0;
   int64_t q_sb = 0, q_sl = 0, k_sb = 0, k_sl = 0, v_sb = 0, v_sl = 0;  // input strides (batch, token)
-  int64_t c_sb = 0, c_sl = 0, c_sh = 0;  // cache strides (batch, row, head)
+  int64_t c_sb = 0, c_sl = 0, c_sh = 0;  // K cache strides (batch, row, head)
+  int64_t cv_sb = 0, cv_sl = 0, cv_sh = 0, cv_sd = 1;  // V cache strides (an fp8 cache keeps V's rows contiguous)
   int64_t s_sb = 0, s_sl = 0;            // scale strides (batch, row)
   int64_t o_sb = 0, o_sl = 0;            // q_out strides (batch, token)
   float eps = 1e-6f;
@@ -43,8 +28,7 @@ struct CacheWriteParams {
   bool fp8 = false;
 };
 
-// Both return 0 or a CUDA error code; error_string names it.
-int noise_step(const NoiseStepParams& p, void* stream);
+// Returns 0 or a CUDA error code; error_string names it.
 int cache_write(const CacheWriteParams& p, void* stream);
 const char* error_string(int code);
 

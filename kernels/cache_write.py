@@ -2,8 +2,10 @@
 into its ring slots (optionally quantized to fp8 with per-token-per-head scales), in one launch.
 
 One program owns one token of one batch row: the RMSNorm spans all heads (Wan normalizes q and k over the whole
-model dim), so the row's heads are one [H, D] tile. Roundings follow the torch path (norm, weight, RoPE each round
-to the compute dtype), so in fp32 the results agree to float rounding and in bf16 to an occasional last bit.
+model dim), so the row's heads are one [H, D] tile. V is stored through its own strides: an fp8 cache keeps V's rows
+contiguous for the attention kernel's fp8 MMA (`sfpp.cache.LayerKV`), so those stores are strided bytes. Roundings
+follow the torch path (norm, weight, RoPE each round to the compute dtype), so in fp32 the results agree to float
+rounding and in bf16 to an occasional last bit.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels import _device
 from kernels._cast import cast, to_e4m3
+from sfpp.fp8 import FP8_MAX
 from sfpp.ops import cache_write_ref, rope_rows
 
 __all__ = ["cache_write", "cache_write_ref", "rope_rows"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
@@ -38,9 +43,9 @@ def _norm_rope(ptr, w_ptr, cos, sin, offs, mask, dim, eps, DTYPE: tl.constexpr, 
 def _store_kv(cache, scale_ptr, x, offs, mask, h_ok, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     if FP8:  # per-token-per-head scale: the row's largest |x| maps to 448, as `quantize_fp8`
         x = x.to(tl.float32)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)  # [H]
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), _FP8_MAX)  # [H]
         tl.store(scale_ptr, scale, mask=h_ok)
-        x = to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0), INTERPRET)
+        x = to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -_FP8_MAX, _FP8_MAX), INTERPRET)
     tl.store(cache + offs, x.to(cache.dtype.element_ty), mask=mask)
 
 
@@ -49,7 +54,8 @@ def _cache_write_kernel(
     Q, K, V, WQ, WK, CosT, SinT, FramePos, TokenIndex, KC, VC, KS, VS, QO,
     L, H, dim, hw, width, eps,
     sqb, sql, skb, skl, svb, svl,  # inputs [B, L, dim], dim contiguous
-    scb, scl, sch,  # k/v cache [B, S*T, H, D] (shared layout), D contiguous
+    skcb, skcl, skch,  # k cache [B, S*T, H, D], D contiguous
+    svcb, svcl, svch, svcd,  # v cache [B, S*T, H, D], any strides (an fp8 cache: rows contiguous)
     ssb, ssl,  # k/v scales [B, S*T, H], H contiguous
     sob, sol,  # q out [B, L, H, D] contiguous per token
     D: tl.constexpr, T_HALF: tl.constexpr, H_HALF: tl.constexpr,
@@ -78,10 +84,11 @@ def _cache_write_kernel(
     v = tl.load(V + b * svb + tok * svl + offs, mask=mask, other=0.0)
 
     dst = tl.load(TokenIndex + tok)
-    kv_offs = hh[:, None] * sch + dd[None, :]
     scale_offs = b * ssb + dst * ssl + hh
-    _store_kv(KC + b * scb + dst * scl, KS + scale_offs, k, kv_offs, mask, h_ok, FP8, INTERPRET)
-    _store_kv(VC + b * scb + dst * scl, VS + scale_offs, v, kv_offs, mask, h_ok, FP8, INTERPRET)
+    k_offs = hh[:, None] * skch + dd[None, :]
+    v_offs = hh[:, None] * svch + dd[None, :] * svcd
+    _store_kv(KC + b * skcb + dst * skcl, KS + scale_offs, k, k_offs, mask, h_ok, FP8, INTERPRET)
+    _store_kv(VC + b * svcb + dst * svcl, VS + scale_offs, v, v_offs, mask, h_ok, FP8, INTERPRET)
 
 
 def cache_write(
@@ -111,14 +118,13 @@ def cache_write(
         raise ValueError(f"q/k/v {tuple(q.shape)} do not match the cache {tuple(k_cache.shape)} and token index")
     if length != frame_pos.shape[0] * height * width or sum(split) != d:
         raise ValueError(f"{length} tokens are not {frame_pos.shape[0]} frames of {height}x{width}, or bad split")
-    if fp8 != (k_scale is not None) or k_cache.stride() != v_cache.stride():
-        raise ValueError(
-            "an fp8 cache needs k_scale and v_scale, a cache in the compute dtype none; K/V share a layout"
-        )
-    if any(x.stride(-1) != 1 for x in (q, k, v)) or k_cache.stride(-1) != 1 or k_cache.stride(2) != d:
-        raise ValueError("the model dim of q/k/v and the head dim of the cache must be contiguous")
+    if fp8 != (k_scale is not None) or k_cache.shape != v_cache.shape:
+        raise ValueError("an fp8 cache needs k_scale and v_scale, a cache in the compute dtype none; K/V one shape")
+    if any(x.stride(-1) != 1 for x in (q, k, v)) or k_cache.stride(-1) != 1:
+        raise ValueError("the model dim of q/k/v and the head dim of the K cache must be contiguous")
     q_out = torch.empty(batch, length, heads, d, dtype=q.dtype, device=q.device)
     if fp8:
+        _device.check_fp8(q.device)
         if k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1:
             raise ValueError("k_scale and v_scale must share one layout with heads contiguous")
         scale_strides = (k_scale.stride(0), k_scale.stride(1))
@@ -133,6 +139,7 @@ def cache_write(
         length, heads, dim, height * width, width, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *scale_strides,
         q_out.stride(0), q_out.stride(1),
         D=d, T_HALF=split[0] // 2, H_HALF=split[1] // 2,

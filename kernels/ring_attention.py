@@ -1,33 +1,72 @@
-"""Block-causal flash attention (forward) of the current chunk over the ring-buffer KV cache.
+"""Flash attention (forward) of the current chunk over the valid prefix of the ring-buffer KV cache.
 
-The keys are read in slot order straight from the ring (sinks, then the window slots with their wrap-around): no
-gather copy, since softmax attention does not depend on key order and positions already live in K's RoPE. Empty
-slots (slot_frame < 0) are masked, and their loads skipped, so stale or poisoned rows are never read into the sum.
+Slots fill in order (frame f < sink -> slot f, else sink + (f - sink) % window), so the rows that hold keys are
+always the first `valid_rows` rows of the buffer, whatever the wrap-around; softmax does not depend on key order and
+positions already live in K's RoPE. The kernel reads `valid_rows` from a device tensor (one CUDA graph serves every
+fill level, no host sync), runs the full BLOCK_N tiles with no mask, no index arithmetic and no select, then one
+masked tile for the ragged end. Tiles past `valid_rows` are never read: the first chunks of a video cost what they
+attend over, not the whole ring.
 
-K/V are either in the compute dtype or fp8 e4m3 with per-token-per-head scales. The scales are folded into the
-score and probability tiles instead of the K/V tiles (K = k8 * ks[n] scales score column n; V = v8 * vs[n]
-scales P's column n), which dequantizes in registers at a cost of one multiply per score. With `fp8_dot` the two
-matmuls also run on fp8 tensor cores: Q is quantized per row in-kernel and P per block, trading ~1% accuracy for
-the doubled fp8 throughput. Online softmax in fp32, in the exp2 domain.
+K/V are either in the compute dtype or fp8 e4m3 with per-token-per-head scales. An fp8 cache runs both products on
+fp8 tensor cores straight from shared memory (sm_89+; Triton has no e4m3 before): Q is quantized per row in-kernel
+and P per tile, and the scales are folded into the score and probability tiles instead of the K/V tiles (K = k8 *
+ks[n] scales score column n; V = v8 * vs[n] scales P's column n), so no K/V tile is ever converted or rescaled.
+V's rows are contiguous in an fp8 cache (`RingKVCache` stores it so), the operand layout fp8 warpgroup MMA takes for
+P @ V. Online softmax in fp32, in the exp2 domain. tests/test_compile_targets.py compiles every tile configuration
+for sm_90 and sm_80 and checks the hot loop on Hopper: async copies of K/V, warpgroup MMAs, no register-to-shared
+round trip.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels import _device
 from kernels._cast import cast, to_e4m3
 from sfpp.attention import ring_attention_ref
+from sfpp.fp8 import FP8_MAX
 
-__all__ = ["ring_attention", "ring_attention_ref"]
+__all__ = ["TILES", "Tile", "ring_attention", "ring_attention_ref", "tile_for"]
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FP8_STEP = tl.constexpr(1 / FP8_MAX)  # an fp8 scale is amax * _FP8_STEP: amax maps onto the top of e4m3
+
+
+class Tile(NamedTuple):
+    block_m: int  # query rows per program
+    block_n: int  # cache rows per step of the loop
+    num_warps: int
+    num_stages: int  # K/V tiles in flight (software pipelining)
+
+
+# Everything the launcher can choose (`tile_for`), each compiled for sm_90 and sm_80 in CI. Shared memory: Q tile
+# + num_stages * (K tile + V tile), e.g. 32 + 2 * 64 KiB for bf16 at D 128 (H100: 227 KiB, A100: 163 KiB).
+TILES = {
+    "hopper": Tile(128, 128, 8, 2),  # 16-bit K/V, D <= 128: two warpgroups of 64 query rows
+    "hopper_fp8": Tile(128, 128, 8, 3),  # fp8 K/V tiles are half the bytes: one more in flight
+    "ampere": Tile(128, 64, 8, 3),  # mma.sync: register-bound, so narrower key tiles, deeper pipeline
+    "small": Tile(64, 64, 4, 2),  # few queries (the toy model's 48 per chunk), small head dims, fp32
+    "interpreter": Tile(16, 16, 4, 1),  # CPU tests: many tiles and ragged ends at small sizes
+}
+
+
+def tile_for(arch: int | None, head_dim: int, num_queries: int, dtype: torch.dtype, fp8: bool) -> Tile:
+    """The tile for one launch: `arch` is the GPU's compute capability as 90, 80, ... (None: the interpreter);
+    dtype the compute dtype (fp32 tiles are twice the bytes and take no tensor-core path: the small tile)."""
+    if arch is None:
+        return TILES["interpreter"]
+    if num_queries <= 64 or head_dim < 64 or dtype == torch.float32:
+        return TILES["small"]
+    if arch >= 90:
+        return TILES["hopper_fp8"] if fp8 else TILES["hopper"]
+    return TILES["ampere"]
 
 
 @triton.jit
@@ -40,113 +79,140 @@ def _dot(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, n_ok, d_ok, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+    """A K or V tile; masked only where needed (the steady state is unmasked, so it pipelines as async copies)."""
+    if MASK_N:
+        if MASK_D:
+            x = tl.load(ptrs, mask=n_ok & d_ok, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=n_ok, other=0.0)
+    else:
+        if MASK_D:
+            x = tl.load(ptrs, mask=d_ok, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, row_scale,  # running state [M, D], [M], [M]; q [M, D]; row_scale [M] (log2 domain)
+    k_base, v_base, ks_base, vs_base, start, n_valid, offs_d,
+    skl, svl, svd, ssl,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+    FP8_KV: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_valid
+    d_ok = offs_d < D
+    MASK_D: tl.constexpr = offs_d.shape[0] != D
+    kt = _load(k_base + offs_n[None, :] * skl + offs_d[:, None], n_ok[None, :], d_ok[:, None], MASK_N, MASK_D)
+    s = _dot(q, kt, PRECISION, INTERPRET) * row_scale[:, None]  # [M, N]
+    if FP8_KV:
+        ks = _load(ks_base + offs_n * ssl, n_ok, d_ok, MASK_N, False)
+        s = s * ks[None, :]
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    # Every tile holds at least one valid key, so the running max is finite from the first tile on.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    v = _load(v_base + offs_n[:, None] * svl + offs_d[None, :] * svd, n_ok[:, None], d_ok[None, :], MASK_N, MASK_D)
+    if FP8_KV:
+        vs = _load(vs_base + offs_n * ssl, n_ok, d_ok, MASK_N, False)
+        # P * vs in fp8, rescaled so the tile's largest V scale maps P's 1.0 to fp8's top
+        p_scale = tl.maximum(tl.max(vs, axis=0), 1e-30) * _FP8_STEP
+        p8 = to_e4m3(p * (vs / p_scale)[None, :], INTERPRET)
+        acc += tl.dot(p8, v) * p_scale
+    else:
+        acc += _dot(cast(p, v.dtype, INTERPRET), v, PRECISION, INTERPRET)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _ring_attention_kernel(
-    Q, K, V, KS, VS, SlotFrame, O,  # noqa: E741 (flash-attention's names)
+    Q, K, V, KS, VS, ValidRows, O,  # noqa: E741 (flash-attention's names)
     qk_scale,  # softmax scale * log2(e)
-    Lq, N, T, H,  # query tokens, cache rows S*T, tokens per slot, heads
-    sqb, sql, sqh,
-    skb, skl, skh,
-    svb, svl, svh,
+    Lq, H,  # query tokens, heads
+    sqb, sql, sqh,  # q [B, Lq, H, D], D contiguous
+    skb, skl, skh,  # k [B, S*T, H, D], D contiguous
+    svb, svl, svh, svd,  # v [B, S*T, H, D], D contiguous (16-bit) or rows contiguous (fp8 cache)
     ssb, ssl, ssh,  # k_scale and v_scale share one layout [B, S*T, H]
     sob, sol, soh,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    FP8_KV: tl.constexpr,
-    FP8_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP8_KV: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
+    b = (tl.program_id(1) // H).to(tl.int64)
+    h = (tl.program_id(1) % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q_ok = (offs_m[:, None] < Lq) & d_ok[None, :]
+    q_ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=q_ok, other=0.0)  # [M, D]
     row_scale = tl.full((BLOCK_M,), qk_scale, tl.float32)
-    if FP8_DOT:  # per-row fp8 quantization of Q; its scale joins the softmax scale
-        q_amax = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), axis=1), 1e-12)
-        q = to_e4m3(q.to(tl.float32) * (FP8_MAX / q_amax)[:, None], INTERPRET)
-        row_scale = row_scale * (q_amax / FP8_MAX)
+    if FP8_KV:  # per-row fp8 quantization of Q; its scale joins the softmax scale
+        q_scale = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), axis=1), 1e-12) * _FP8_STEP
+        q = to_e4m3(q.to(tl.float32) / q_scale[:, None], INTERPRET)
+        row_scale = row_scale * q_scale
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    for start in range(0, N, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        valid = tl.load(SlotFrame + offs_n // T, mask=offs_n < N, other=-1) >= 0  # [N]: the only mask
-        kt = tl.load(k_base + offs_n[None, :] * skl + offs_d[:, None], mask=valid[None, :] & d_ok[:, None], other=0.0)
-        if FP8_KV and not FP8_DOT:
-            kt = kt.to(q.dtype)
-        s = _dot(q, kt, PRECISION, INTERPRET) * row_scale[:, None]  # [M, N] log2-domain scores
-        if FP8_KV:
-            ks = tl.load(KS + b * ssb + h * ssh + offs_n * ssl, mask=valid, other=0.0)
-            s = s * ks[None, :]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet stay at zero
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
-        if FP8_KV:
-            vs = tl.load(VS + b * ssb + h * ssh + offs_n * ssl, mask=valid, other=0.0)
-            if FP8_DOT:  # P * vs in fp8, rescaled so the block's largest V scale maps P's 1.0 to fp8's top
-                vs_max = tl.maximum(tl.max(vs, axis=0), 1e-30)
-                p8 = to_e4m3(p * (vs * (FP8_MAX / vs_max))[None, :], INTERPRET)
-                acc += tl.dot(p8, v) * (vs_max / FP8_MAX)
-            else:
-                acc += _dot(cast(p * vs[None, :], q.dtype, INTERPRET), v.to(q.dtype), PRECISION, INTERPRET)
-        else:
-            acc += _dot(cast(p, v.dtype, INTERPRET), v, PRECISION, INTERPRET)
-        m_i = m_new
+    ks_base = KS + b * ssb + h * ssh
+    vs_base = VS + b * ssb + h * ssh
+    n_valid = tl.load(ValidRows).to(tl.int32)  # the ring's valid prefix, read on the device
+    n_full = n_valid - n_valid % BLOCK_N
+    for start in range(0, n_full, BLOCK_N):  # the steady state: full tiles, nothing masked
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, row_scale, k_base, v_base, ks_base, vs_base, start, n_valid, offs_d,
+            skl, svl, svd, ssl, D, BLOCK_N, False, FP8_KV, PRECISION, INTERPRET,
+        )  # fmt: skip
+    if n_full < n_valid:  # the ragged last tile
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, row_scale, k_base, v_base, ks_base, vs_base, n_full, n_valid, offs_d,
+            skl, svl, svd, ssl, D, BLOCK_N, True, FP8_KV, PRECISION, INTERPRET,
+        )  # fmt: skip
 
     out = cast(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out, mask=q_ok)
-
-
-def _config(d: int, fp8: bool, lq: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): H100-sized tiles on a GPU, the smallest legal ones otherwise."""
-    if not torch.cuda.is_available() or lq <= 16:
-        return 16, 16, 4, 1
-    if d <= 64:
-        return 128, 64, 4, 3
-    return (128, 128, 8, 3) if fp8 else (128, 64, 8, 3)
 
 
 def ring_attention(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    slot_frame: Tensor,
-    frame_tokens: int,
+    valid_rows: Tensor,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     *,
-    fp8_dot: bool = False,
+    tile: Tile | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Triton version of `ring_attention_ref` (same arguments and result). q [B, Lq, H, D] in bf16/fp16/fp32;
-    k_cache/v_cache [B, S*T, H, D] in q's dtype, or fp8 e4m3 with k_scale/v_scale [B, S*T, H] fp32."""
+    """Triton version of `ring_attention_ref`, with the valid prefix as a device tensor: q [B, Lq, H, D] in
+    bf16/fp16/fp32; k_cache/v_cache [B, S*T, H, D] in q's dtype, or fp8 e4m3 with k_scale/v_scale [B, S*T, H] fp32;
+    valid_rows a 0-dim integer tensor on q's device, 1 <= valid_rows <= S*T (`ChunkPlan.valid_rows`). An fp8
+    cache needs sm_89+ and is fastest with V's rows contiguous (as `RingKVCache` stores it). tile: override
+    `tile_for` (tests, benchmarks)."""
     batch, lq, heads, d = q.shape
-    n = k_cache.shape[1]
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8 != (k_scale is not None) or fp8 != (v_scale is not None) or v_cache.dtype != k_cache.dtype:
         raise ValueError("an fp8 K/V cache needs k_scale and v_scale, and a cache in the compute dtype takes none")
     if not fp8 and k_cache.dtype != q.dtype:
         raise ValueError(f"K/V cache dtype {k_cache.dtype} differs from the query dtype {q.dtype}")
-    if n != slot_frame.shape[0] * frame_tokens or k_cache.shape != v_cache.shape or k_cache.shape[2:] != (heads, d):
-        raise ValueError(f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} and {frame_tokens=}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("the head dim must be contiguous")
-    if fp8_dot and not fp8:
-        raise ValueError("fp8_dot needs an fp8 K/V cache")
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[2:] != (heads, d):
+        raise ValueError(f"cache {tuple(k_cache.shape)}, {tuple(v_cache.shape)} does not match q {tuple(q.shape)}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or 1 not in (v_cache.stride(1), v_cache.stride(-1)):
+        raise ValueError("q and K need the head dim contiguous, V the head dim or the rows")
+    if valid_rows.ndim != 0 or valid_rows.dtype.is_floating_point or valid_rows.device != q.device:
+        raise ValueError(f"valid_rows must be a 0-dim integer tensor on {q.device}, got {valid_rows!r}")
+    if d > 256:
+        raise ValueError(f"head dim {d} is above the kernel's 256")
+    if fp8:
+        _device.check_fp8(q.device)
     if fp8:
         if k_scale.stride() != v_scale.stride():
             raise ValueError("k_scale and v_scale must share one layout")
@@ -155,26 +221,27 @@ def ring_attention(
         k_scale = v_scale = k_cache  # unused pointers
         scale_strides = (0, 0, 0)
     out = torch.empty_like(q) if out is None else out
-    block_m, block_n, warps, stages = _config(d, fp8, lq)
-    grid = (triton.cdiv(lq, block_m), batch * heads)
+    if lq == 0:
+        return out
+    tile = tile or tile_for(_device.arch(q.device), d, lq, q.dtype, fp8)
+    grid = (triton.cdiv(lq, tile.block_m), batch * heads)
     _ring_attention_kernel[grid](
-        q, k_cache, v_cache, k_scale, v_scale, slot_frame, out,
+        q, k_cache, v_cache, k_scale, v_scale, valid_rows, out,
         math.log2(math.e) / math.sqrt(d),
-        lq, n, frame_tokens, heads,
+        lq, heads,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *scale_strides,
         out.stride(0), out.stride(1), out.stride(2),
         D=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
         FP8_KV=fp8,
-        FP8_DOT=fp8_dot,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRET=INTERPRET,
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )  # fmt: skip
     return out

@@ -5,6 +5,9 @@ else in slot sink + (f - sink) % window: writing a new chunk overwrites the olde
 rolling forward costs no copies and memory stays constant however long the video. Positions are device tensors
 updated in place (no `.item()`), so a chunk step can be captured in a CUDA graph and replayed.
 
+Slots fill in order, so the frames a chunk attends over are always the first min(frames so far, sink + window)
+slots: attention reads a prefix of the buffer, never a mask (`ChunkPlan.valid_rows`).
+
 Past the RoPE table (`rope_max_positions` latent frames) the stream goes on by re-basing positions: RoPE attention
 depends only on the offset between a query and a key, so `make_room` rotates the window's cached keys back by the
 same amount the next chunks' positions move back (R(p - d) = R(-d) R(p), one in-place pass over the window's keys
@@ -20,31 +23,24 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from sfpp.fp8 import dequantize_fp8, quantize_fp8
 from sfpp.model import WanConfig, apply_rope, temporal_rotation
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token-per-head fp8 e4m3: x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] fp32), x ~ x8 * scale.
-
-    The largest |x| of each row maps to 448, so each row keeps fp8's full relative precision (3 mantissa bits)."""
-    x32 = x.float()
-    scale = x32.abs().amax(-1).clamp_min(1e-12) / FP8_MAX
-    return (x32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
-def dequantize_fp8(x8: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return (x8.float() * scale[..., None]).to(dtype)
+__all__ = ["ChunkPlan", "LayerKV", "RingKVCache", "dequantize_fp8", "quantize_fp8"]
 
 
 class ChunkPlan(NamedTuple):
     frame_pos: Tensor  # [Fc] RoPE positions of the chunk's frames (their frame index until a re-base)
     token_index: Tensor  # [Fc*T] cache rows the chunk writes
+    valid_rows: Tensor  # 0-dim long on the device: rows [0, valid_rows) hold the keys the chunk attends over
+    valid_rows_host: int  # the same number on the host (static shapes: one CUDA graph per fill level)
 
 
 class LayerKV(NamedTuple):
-    """One layer's ring as `ring_attention` takes it: k, v [B, S*T, H, D] and, for fp8, scales [B, S*T, H]."""
+    """One layer's ring as `ring_attention` takes it: k, v [B, S*T, H, D] and, for fp8, scales [B, S*T, H].
+
+    An fp8 cache stores V with the rows contiguous (v.stride(1) == 1, physically [B, H, D, S*T]): the layout fp8
+    warpgroup MMA needs for P @ V, whose reduction runs over the rows."""
 
     k: Tensor
     v: Tensor
@@ -66,7 +62,8 @@ class RingKVCache(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         """`kv_dtype=torch.float8_e4m3fn` stores the self-attention K/V in fp8 with per-token-per-head fp32 scales
-        (k_scale/v_scale [num_layers, B, S*T, H]); by default K/V are kept in `dtype`."""
+        (k_scale/v_scale [num_layers, B, S*T, H]) and V rows contiguous (see `LayerKV`); by default K/V are kept
+        in `dtype`."""
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window must be >= 1 and sink >= 0, got window={window}, sink={sink}")
@@ -82,7 +79,13 @@ class RingKVCache(nn.Module):
             raise ValueError(f"kv_dtype must be the cache dtype {dtype} or torch.float8_e4m3fn, got {kv_dtype}")
         self.fp8 = kv_dtype == torch.float8_e4m3fn
         self.register_buffer("k", torch.zeros(kv_shape, dtype=kv_dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(kv_shape, dtype=kv_dtype, device=device), persistent=False)
+        if self.fp8:  # [L, B, H, D, rows padded to 16 bytes] memory seen as [L, B, S*T, H, D]
+            rows = kv_shape[2]
+            v = torch.zeros(*kv_shape[:2], *kv_shape[3:], -(-rows // 16) * 16, dtype=kv_dtype, device=device)
+            v = v[..., :rows].permute(0, 1, 4, 2, 3)
+        else:
+            v = torch.zeros(kv_shape, dtype=kv_dtype, device=device)
+        self.register_buffer("v", v, persistent=False)
         scale = torch.ones(kv_shape[:-1], device=device) if self.fp8 else None
         self.register_buffer("k_scale", scale, persistent=False)
         self.register_buffer("v_scale", None if scale is None else scale.clone(), persistent=False)
@@ -99,7 +102,7 @@ class RingKVCache(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(b.untyped_storage().nbytes() for b in self.buffers())
 
     def memory_report(self) -> str:
         kv = 2 * self.k.numel() * self.k.element_size()
@@ -141,15 +144,20 @@ class RingKVCache(nn.Module):
         re-bases done so far (none before the RoPE table runs out)."""
         return torch.where(frame < self.sink, frame, frame - self.rope_shift)
 
-    def plan_frames(self, frame: Tensor) -> ChunkPlan:
-        """Slots of the absolute frames `frame` [F] (a device tensor); marks them as holding these frames."""
+    def plan_frames(self, frame: Tensor, end: Tensor, end_host: int) -> ChunkPlan:
+        """Slots of the absolute frames `frame` [F] (a device tensor); marks them as holding these frames. `end`
+        (and `end_host`, the same on the host): the frame count once they are written; slots fill in order, so the
+        first min(end, sink + window) slots then hold every frame written."""
         slots = self.slot_of(frame)
         self.slot_frame.index_copy_(0, slots, frame)
         token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
-        return ChunkPlan(self.rope_position(frame), token_index)
+        slots_held = end.clamp(max=self.sink + self.window), min(end_host, self.sink + self.window)
+        rows, rows_host = (n * self.frame_tokens for n in slots_held)
+        return ChunkPlan(self.rope_position(frame), token_index, rows, rows_host)
 
     def plan(self, batch_size: int, num_frames: int, frame_tokens: int) -> ChunkPlan:
-        """Slots of the chunk starting at `chunk_start`; marks them as holding its frames."""
+        """Slots of the chunk starting at `chunk_start`; marks them as holding its frames. Slots fill in order, so
+        with the chunk the first min(frames_done + num_frames, sink + window) slots hold every frame it sees."""
         if batch_size != self.batch_size or frame_tokens != self.frame_tokens:
             raise ValueError(
                 f"chunk of batch {batch_size} with {frame_tokens} tokens per frame does not fit a cache built for "
@@ -163,7 +171,8 @@ class RingKVCache(nn.Module):
                 f"frames at RoPE positions {position}..{position + num_frames - 1} go past the RoPE table of {limit} "
                 f"latent frames: call cache.make_room({num_frames}) before the chunk to re-base the positions"
             )
-        return self.plan_frames(self.chunk_start + torch.arange(num_frames, device=self.chunk_start.device))
+        frame = self.chunk_start + torch.arange(num_frames, device=self.chunk_start.device)
+        return self.plan_frames(frame, self.chunk_start + num_frames, self.frames_done + num_frames)
 
     def make_room(self, num_frames: int) -> None:
         """Before a chunk of `num_frames`: if its RoPE positions would run past the table, re-base the window.
@@ -210,18 +219,14 @@ class RingKVCache(nn.Module):
         self.frames_done = frame
 
     def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> LayerKV:
-        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots; return the layer's K/V to attend over.
-
-        In place, except under autograd (training rollouts): then the write goes to a copy, so the context pass
-        that later overwrites these slots cannot clobber tensors saved for the backward pass. An fp8 cache stores
-        the chunk quantized per token and head, with its scales."""
+        """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots, in place; return the layer's K/V to attend
+        over. An fp8 cache stores the chunk quantized per token and head, with its scales. (Forwards with gradients
+        write nothing: `WanModel.forward_chunk` attends to the ring and the chunk's own K/V in two parts.)"""
         rows = [(self.k, k), (self.v, v)]
         if self.fp8:
             (k, ks), (v, vs) = quantize_fp8(k), quantize_fp8(v)
             rows = [(self.k, k), (self.v, v), (self.k_scale, ks), (self.v_scale, vs)]
-        rows = [(buf[layer], x.to(buf.dtype)) for buf, x in rows]
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return LayerKV(*[buf.index_copy(1, plan.token_index, x) for buf, x in rows], *[None] * (4 - len(rows)))
+        rows = [(buf[layer], x.detach().to(buf.dtype)) for buf, x in rows]
         for buf, x in rows:
             if buf.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernel on every device: copy the bytes
                 buf, x = buf.view(torch.uint8), x.view(torch.uint8)

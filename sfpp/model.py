@@ -13,8 +13,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from sfpp.attention import block_causal_mask, ring_attention_ref
+from sfpp import ops
+from sfpp.attention import block_causal_mask, cache_and_chunk_attention, ring_attention_ref
+from sfpp.fp8 import dequantize_fp8, quantize_fp8
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,6 @@ class FusedAttend:
         self.height, self.width, self.backend = height, width, backend
 
     def __call__(self, attn: Attention, h: Tensor) -> Tensor:  # h [B, L, dim] -> [B, L, H, D]
-        from sfpp import ops
-
         cfg, cache, plan = self.model.cfg, self.cache, self.plan
         kv = cache.layer(self.layer)
         q = ops.cache_write(
@@ -186,8 +187,9 @@ class FusedAttend:
             plan.frame_pos, plan.token_index, *kv, self.height, self.width, cfg.rope_split, cfg.eps,
             backend=self.backend,
         )  # fmt: skip
-        tokens = self.height * self.width
-        return ops.ring_attention(q, kv.k, kv.v, cache.slot_frame, tokens, kv.k_scale, kv.v_scale, backend=self.backend)
+        return ops.ring_attention(
+            q, kv.k, kv.v, plan.valid_rows, plan.valid_rows_host, kv.k_scale, kv.v_scale, backend=self.backend
+        )
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -203,8 +205,6 @@ def _norm_modulate(
     fused op."""
     if kernels is None:
         return _modulate(norm(x), shift, scale).to(dtype)
-    from sfpp import ops
-
     return ops.adaln_modulate(x, shift, scale, norm.eps, dtype, backend=kernels)
 
 
@@ -224,6 +224,13 @@ class WanBlock(nn.Module):
             nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def text_kv(self, ctx: Tensor) -> Tensor:
+        """Cross-attention K and V [2, B, Lt, dim] (heads not split) of the embedded text [B, Lt, dim]. A method of
+        the block, so that a block sharded on its own by FSDP gathers its weights for it; one new tensor, not views
+        (which FSDP's backward hooks could miss)."""
+        attn = self.cross_attn
+        return torch.stack([attn.norm_k(attn.k(ctx)), attn.v(ctx)])  # [2, B, Lt, dim]
 
     def forward(
         self,
@@ -288,6 +295,7 @@ class WanModel(nn.Module):
         self.head = Head(cfg)
         self._rope: tuple[Tensor, Tensor] | None = None  # fp32 cos/sin tables, built on first use per device
         self.kernels: str | None = None  # `use_kernels`: the sfpp.ops backend of forward_chunk's self-attention
+        self.checkpoint_blocks = False  # training: activation checkpointing per block (forwards with gradients)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -306,11 +314,9 @@ class WanModel(nn.Module):
             )
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])).to(self.dtype)
         ctx = self.text_embedding(context)
-        kvs = []
-        for block in self.blocks:
-            k, v = block.cross_attn.key_value(ctx)
-            kvs.append((k.transpose(1, 2), v.transpose(1, 2)))
-        return kvs
+        heads = self.cfg.num_heads
+        kvs = [block.text_kv(ctx).unflatten(-1, (heads, -1)).transpose(2, 3) for block in self.blocks]
+        return [(kv[0], kv[1]) for kv in kvs]  # [B, H, Lt, D] each
 
     def time_modulation(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """t [B, F] timesteps in [0, 1000] -> e [B, F, dim] and per-block modulation e0 [B, F, 6, dim], fp32."""
@@ -370,7 +376,10 @@ class WanModel(nn.Module):
         e, e0 = self.time_modulation(t)
         rope = self.rope(frame_pos, h, w)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)
+            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+                tokens = checkpoint(block, tokens, e0, rope, text_kv[i], attend(i), kernels, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)
         out = self.head(tokens, e, kernels)  # [B, F*h*w, C*ph*pw]
         return self._unpatchify(out.float(), grid)
 
@@ -439,10 +448,19 @@ class WanModel(nn.Module):
             fused = lambda i: self._fused(cache, i, plan, h, w)
             return self._run(x, t, grid, plan.frame_pos, cache.text_kv, fused, self.kernels)
 
+        # Under autograd (training): the ring is read in place and the chunk's own K/V join with gradients, merged
+        # by log-sum-exp; nothing is written (the no-grad context pass writes the final K/V), nothing copied.
+        earlier = None  # [S*T] ring rows holding frames before this chunk
+        if torch.is_grad_enabled():
+            earlier = ((cache.slot_frame >= 0) & (cache.slot_frame < cache.chunk_start)).repeat_interleave(h * w)
+
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                if earlier is not None and (k.requires_grad or v.requires_grad):
+                    kv = cache.layer(i)
+                    return cache_and_chunk_attention(q, kv.k, kv.v, earlier, k, v, h * w)
                 kv = cache.write(i, plan, k, v)
-                return ring_attention_ref(q, kv.k, kv.v, cache.slot_frame, h * w, kv.k_scale, kv.v_scale)
+                return ring_attention_ref(q, kv.k, kv.v, plan.valid_rows_host, kv.k_scale, kv.v_scale)
 
             return fn
 
@@ -455,8 +473,8 @@ class WanModel(nn.Module):
 
         Frames attend block-causally, as if they had been generated chunk by chunk: chunks of `frames_per_chunk`
         counted back from the newest frame, each seeing itself and every frame before it, so the K/V equal those
-        the chunk loop's context passes wrote for the same latents when no earlier frame has been evicted. Used for a
-        prompt switch (the window's frames under the new prompt: LongLive's KV re-cache) and to start a stream
+        the chunk loop's context passes wrote for the same latents when no earlier frame has been evicted. Used for
+        a prompt switch (the window's frames under the new prompt: LongLive's KV re-cache) and to start a stream
         from given frames. The torch path (a one-off per switch, not part of the chunk step)."""
         t, grid = self._check_latents(x, t)
         f, h, w = grid
@@ -469,14 +487,13 @@ class WanModel(nn.Module):
         # end, a prefix of the frames; ends as token counts.
         chunk = [(frames[-1] - frame) // frames_per_chunk for frame in frames]
         ends = [(i + 1) * tokens for i in range(f) if i + 1 == f or chunk[i + 1] != chunk[i]]
-        plan = cache.plan_frames(torch.tensor(frames, device=cache.chunk_start.device))
+        end = frames[-1] + 1
+        plan = cache.plan_frames(torch.tensor(frames, device=cache.chunk_start.device), torch.tensor(end), end)
 
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 cache.write(i, plan, k, v)
                 if cache.fp8:  # attend to the K/V as the cache holds them, as the chunk step would
-                    from sfpp.cache import dequantize_fp8, quantize_fp8
-
                     k, v = (dequantize_fp8(*quantize_fp8(y), y.dtype) for y in (k, v))
                 out, start = torch.empty_like(q), 0
                 for end in ends:

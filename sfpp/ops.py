@@ -1,31 +1,34 @@
 """Per-op dispatch of the chunk-step kernels: torch (reference, runs anywhere), triton (`kernels/`) or cuda (the
-CUDA C++ extension built from `csrc/`). Each op is a `torch.library` custom op, so torch.compile and CUDA graphs
-treat it as one opaque call; the backend is an argument of the op.
+CUDA C++ extension built from `csrc/`, for the ops that have one). Each op is a `torch.library` custom op, so
+torch.compile and CUDA graphs treat it as one opaque call; the backend is an argument of the op.
 
-backend="auto" takes the first available of `PREFERENCE[op]` for the device: compiled kernels on a GPU, the torch
-reference on a CPU. Override per op with SFPP_BACKEND_<OP>=torch|triton|cuda (e.g. SFPP_BACKEND_NOISE_STEP=cuda).
-The order is a default until `bench/` has measured both kernels on the target GPU.
+backend="auto" on a GPU takes the backend measured fastest on this GPU model, read from `dispatch_table.json`
+(written by the per-op benchmarks in `bench/`, keyed by `torch.cuda.get_device_name()`); for a GPU without an entry
+it takes Triton, whose launches CI compiles for sm_90 and sm_80 (tests/test_compile_targets.py). On a CPU "auto" is
+the torch reference (the Triton interpreter is for tests, not speed). backend="cuda" runs the CUDA C++ kernel where
+the op has one and Triton otherwise, so `WanModel.use_kernels("cuda")` covers every op.
 """
 
 import functools
 import importlib
-import math
+import json
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sfpp.attention import ring_attention_ref
-from sfpp.cache import quantize_fp8
+from sfpp.fp8 import quantize_fp8
 
-OPS = ("ring_attention", "cache_write", "noise_step", "adaln_modulate")
-PREFERENCE = {
-    "ring_attention": ("triton", "torch"),
-    "cache_write": ("triton", "cuda", "torch"),
-    "noise_step": ("triton", "cuda", "torch"),
-    "adaln_modulate": ("triton", "torch"),
+BACKENDS = {  # the implementations of each op
+    "ring_attention": ("torch", "triton"),
+    "cache_write": ("torch", "triton", "cuda"),
+    "adaln_modulate": ("torch", "triton"),
 }
+OPS = tuple(BACKENDS)
+DISPATCH_TABLE = Path(__file__).with_name("dispatch_table.json")
 _MODULE = {"adaln_modulate": "adaln"}  # the `kernels/` file of an op, where its name is not the op's
 
 
@@ -51,20 +54,71 @@ def available(op: str, device: torch.device) -> list[str]:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if (device.type == "cuda" or interpret) and _triton(_MODULE.get(op, op)) is not None:
         found.append("triton")
-    if device.type == "cuda" and "cuda" in PREFERENCE[op] and cuda_extension() is not None:
+    if device.type == "cuda" and "cuda" in BACKENDS[op] and cuda_extension() is not None:
         found.append("cuda")
     return found
 
 
-@torch.compiler.assume_constant_result  # torch.compile decides once, at trace time, and keeps the op opaque
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The backend that runs `op` on `device`: `backend` itself, or for "auto" the env override or the first
-    available of PREFERENCE (on a CPU that is torch: the interpreter is for tests, not speed)."""
+@functools.cache
+def load_dispatch_table(path: Path | None = None) -> dict:
+    """{GPU name: {op: {"backend": fastest, "ms": {backend: ms}, ...}}} (an fp8-cache variant of an op is keyed
+    "<op>:fp8"); empty where no GPU run has written one."""
+    path = path or DISPATCH_TABLE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_dispatch_table(op: str, device_name: str, ms: dict[str, float], meta: dict, path: Path | None = None) -> str:
+    """Record one measurement (milliseconds per backend, and how it was taken) for a GPU model; returns the
+    fastest backend, which "auto" takes on that GPU model from now on. Called by the per-op benchmarks."""
+    path = path or DISPATCH_TABLE
+    timed = {b: t for b, t in ms.items() if t == t and t > 0}  # drop NaN and failures
+    if not timed:
+        raise ValueError(f"no valid timing for {op} on {device_name}: {ms}")
+    fastest = min(timed, key=timed.get)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault(device_name, {})[op] = {"backend": fastest, "ms": timed, **meta}
+    path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    load_dispatch_table.cache_clear()
+    return fastest
+
+
+def _key(op: str, fp8: bool) -> str:
+    return f"{op}:fp8" if fp8 else op
+
+
+def measured(op: str, device: torch.device, fp8: bool = False) -> dict | None:
+    """The dispatch table's entry of `op` (with an fp8 K/V cache or not) for this device's GPU model, or None."""
+    if device.type != "cuda":
+        return None
+    return load_dispatch_table().get(torch.cuda.get_device_name(device), {}).get(_key(op, fp8))
+
+
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result (torch.compile decides once, at trace time, and keeps the op opaque)
+    without importing torch._dynamo, and with it Triton, when sfpp is imported: Triton binds its kernels to the
+    interpreter or not when it is first imported, so a script must be able to set TRITON_INTERPRET after that."""
+    fn._dynamo_marked_constant = True  # all that torch._dynamo.assume_constant_result does
+    return fn
+
+
+@_assume_constant_result
+def resolve(op: str, backend: str, device: torch.device, fp8: bool = False) -> str:
+    """The backend that runs `op` on `device` (`fp8`: over an fp8 K/V cache): `backend` itself, or for "auto" the
+    measured fastest on this GPU model (`dispatch_table.json`), else Triton on a GPU and torch on a CPU."""
+    if op not in BACKENDS:
+        raise ValueError(f"unknown op {op!r}; ops are {list(BACKENDS)}")
     have = available(op, device)
+    if fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9) and "triton" in have:
+        have.remove("triton")  # Triton has no e4m3 before sm_89
     if backend == "auto":
-        backend = os.environ.get(f"SFPP_BACKEND_{op.upper()}", "auto")
-        if backend == "auto":
-            return next(b for b in PREFERENCE[op] if b in have and (device.type == "cuda" or b == "torch"))
+        entry = measured(op, device, fp8)
+        if entry is not None and entry.get("backend") in have:
+            return entry["backend"]
+        if device.type == "cuda" and "triton" in have:
+            return "triton"
+        return "cuda" if "cuda" in have else "torch"
+    if backend == "cuda" and "cuda" not in BACKENDS[op]:
+        backend = "triton"  # no CUDA C++ version of this op: its Triton kernel
     if backend not in have:
         raise ValueError(f"backend {backend!r} for {op} is not available on {device.type} (available: {have})")
     return backend
@@ -72,8 +126,6 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------------------------- torch references
 # The meaning of each op; the kernels in `kernels/` import these and are tested against them.
-
-_M32 = 0xFFFFFFFF
 
 
 def rope_rows(num_tokens: int, frame_pos: Tensor, height: int, width: int, split: tuple[int, int, int]) -> Tensor:
@@ -138,55 +190,6 @@ def cache_write_ref(
     return q_out
 
 
-def _mul32(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
-    """(high, low) 32-bit words of a * b for a int64 tensor of uint32 values, without overflowing int64."""
-    p_lo, p_hi = a * (b & 0xFFFF), a * (b >> 16)  # each < 2^48
-    low = p_lo + ((p_hi & 0xFFFF) << 16)
-    return (p_hi >> 16) + (low >> 32), low & _M32
-
-
-def philox4x32_ref(counter: Tensor, seed: int) -> list[Tensor]:
-    """Philox4x32-10 of counters (c lo, c hi, 0, 0) under key (seed lo, seed hi): four uint32 words (as int64)."""
-    c = [counter & _M32, counter >> 32, torch.zeros_like(counter), torch.zeros_like(counter)]
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_b, lo_b = _mul32(c[2], 0xCD9E8D57)
-        hi_a, lo_a = _mul32(c[0], 0xD2511F53)
-        c = [hi_b ^ c[1] ^ k0, lo_b, hi_a ^ c[3] ^ k1, lo_a]
-        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
-    return c
-
-
-def philox_normal_ref(numel: int, seed: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
-    """The kernels' noise, in torch: `numel` standard normals (fp32) of stream `seed` from element `offset`."""
-    if offset % 4:
-        raise ValueError(f"the noise offset must be a multiple of 4, got {offset}")
-    counter = torch.arange(offset // 4, (offset + numel + 3) // 4, device=device, dtype=torch.int64)
-    u = [((w >> 8).float() + 0.5) * 2.0**-24 for w in philox4x32_ref(counter, seed)]
-    normals = []
-    for a, b in ((u[0], u[1]), (u[2], u[3])):
-        r, theta = torch.sqrt(-2.0 * torch.log(a)), (2 * math.pi) * b
-        normals += [r * torch.cos(theta), r * torch.sin(theta)]
-    return torch.stack(normals, -1).flatten()[:numel]
-
-
-def _per_frame(sigma: float | Tensor, x: Tensor) -> float | Tensor:
-    if not isinstance(sigma, Tensor):
-        return sigma
-    return sigma.float().expand(x.shape[0], x.shape[2])[:, None, :, None, None]
-
-
-def noise_step_ref(
-    x: Tensor, flow: Tensor | None, sigma: float | Tensor, sigma_next: float | Tensor, seed: int, offset: int = 0
-) -> tuple[Tensor, Tensor]:
-    """x [B, C, F, H, W] at noise level sigma, flow the model's v = noise - x0 (None: x is already x0).
-    Returns (x0, x_next) in fp32."""
-    x0 = x.float() if flow is None else x.float() - _per_frame(sigma, x) * flow.float()
-    noise = philox_normal_ref(x.numel(), seed, offset, x.device).view(x.shape)
-    s = _per_frame(sigma_next, x)
-    return x0, (1 - s) * x0 + s * noise
-
-
 def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
     """adaLN of a Wan block: fp32 LayerNorm without affine of x [B, F*L, D], per-frame modulation by shift/scale
     [B, F, 1, D] fp32 (one row per latent frame, over its L tokens), cast to out_dtype. The model's own math
@@ -210,12 +213,8 @@ def _cuda_cache_write(q, k, v, norm_q, norm_k, cos_table, sin_table, frame_pos, 
     batch, length, _ = q.shape
     heads, d = k_cache.shape[2:]
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    if (
-        not all(x.stride(-1) == 1 for x in (q, k, v, k_cache))
-        or k_cache.stride(2) != d
-        or k_cache.stride() != v_cache.stride()
-    ):
-        raise ValueError("cuda cache_write: q/k/v model dim and the cache head dim must be contiguous")
+    if not all(x.stride(-1) == 1 for x in (q, k, v, k_cache)) or k_cache.shape != v_cache.shape:
+        raise ValueError("cuda cache_write: q/k/v model dim and the K cache head dim must be contiguous")
     if (not fp8 and k_cache.dtype != q.dtype) or q.dtype not in _CUDA_DTYPES or fp8 != (k_scale is not None):
         raise ValueError(f"cuda cache_write: unsupported dtypes q {q.dtype}, cache {k_cache.dtype}")
     frame_pos, token_index = frame_pos.long().contiguous(), token_index.long().contiguous()
@@ -230,33 +229,12 @@ def _cuda_cache_write(q, k, v, norm_q, norm_k, cos_table, sin_table, frame_pos, 
         t_half=split[0] // 2, h_half=split[1] // 2,
         q_sb=q.stride(0), q_sl=q.stride(1), k_sb=k.stride(0), k_sl=k.stride(1), v_sb=v.stride(0), v_sl=v.stride(1),
         c_sb=k_cache.stride(0), c_sl=k_cache.stride(1), c_sh=k_cache.stride(2),
+        cv_sb=v_cache.stride(0), cv_sl=v_cache.stride(1), cv_sh=v_cache.stride(2), cv_sd=v_cache.stride(3),
         s_sb=k_scale.stride(0) if fp8 else 0, s_sl=k_scale.stride(1) if fp8 else 0,
         o_sb=q_out.stride(0), o_sl=q_out.stride(1), eps=eps, dtype=_CUDA_DTYPES[q.dtype],
     )  # fmt: skip
     cuda_extension().cache_write(params, torch.cuda.current_stream(q.device).cuda_stream)
     return q_out
-
-
-def _cuda_noise_step(x, flow, sigma, sigma_next, seed, offset) -> tuple[Tensor, Tensor]:
-    if offset % 4 or x.dtype not in _CUDA_DTYPES or not x.is_contiguous():
-        raise ValueError("cuda noise_step: offset must be a multiple of 4, x contiguous fp32/fp16/bf16")
-    flow = None if flow is None else flow.to(x.dtype).contiguous()
-    per_frame = isinstance(sigma_next, Tensor)
-    batch, channels, frames = x.shape[:3] if x.ndim == 5 else (1, 1, 1)
-    if per_frame:
-        sig = sigma if isinstance(sigma, Tensor) else torch.full_like(sigma_next, float(sigma))
-        sig, sig_next = (t.float().expand(batch, frames).contiguous() for t in (sig, sigma_next))
-    x0, x_next = torch.empty_like(x, dtype=torch.float32), torch.empty_like(x, dtype=torch.float32)
-    frame_size = math.prod(x.shape[3:]) if x.ndim == 5 else 1
-    params = dict(
-        x=_ptr(x), flow=_ptr(flow), sigma=_ptr(sig) if per_frame else None,
-        sigma_next=_ptr(sig_next) if per_frame else None,
-        sigma_val=0.0 if per_frame else float(sigma), sigma_next_val=0.0 if per_frame else float(sigma_next),
-        x0=_ptr(x0), x_next=_ptr(x_next), numel=x.numel(), frame_size=frame_size, frames=frames,
-        sample_size=frame_size * frames * channels, seed=seed, counter0=offset // 4, dtype=_CUDA_DTYPES[x.dtype],
-    )  # fmt: skip
-    cuda_extension().noise_step(params, torch.cuda.current_stream(x.device).cuda_stream)
-    return x0, x_next
 
 
 # ----------------------------------------------------------------------------------------------- ring attention
@@ -267,21 +245,22 @@ def _ring_attention(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    slot_frame: Tensor,
-    frame_tokens: int,
+    valid_rows: Tensor,
+    valid_rows_host: int,
     k_scale: Tensor | None,
     v_scale: Tensor | None,
     backend: str,
-    fp8_dot: bool,
 ) -> Tensor:
     if backend == "triton":
-        kernel = _triton("ring_attention").ring_attention
-        return kernel(q, k_cache, v_cache, slot_frame, frame_tokens, k_scale, v_scale, fp8_dot=fp8_dot)
-    return ring_attention_ref(q, k_cache, v_cache, slot_frame, frame_tokens, k_scale, v_scale).contiguous()
+        module = _triton("ring_attention")
+        entry = measured("ring_attention", q.device, k_cache.dtype == torch.float8_e4m3fn)
+        tile = module.TILES.get(entry.get("tile")) if entry else None
+        return module.ring_attention(q, k_cache, v_cache, valid_rows, k_scale, v_scale, tile=tile)
+    return ring_attention_ref(q, k_cache, v_cache, valid_rows_host, k_scale, v_scale).contiguous()
 
 
 @_ring_attention.register_fake
-def _(q, k_cache, v_cache, slot_frame, frame_tokens, k_scale, v_scale, backend, fp8_dot):
+def _(q, k_cache, v_cache, valid_rows, valid_rows_host, k_scale, v_scale, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -289,18 +268,20 @@ def ring_attention(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    slot_frame: Tensor,
-    frame_tokens: int,
+    valid_rows: Tensor,
+    valid_rows_host: int,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     *,
     backend: str = "auto",
-    fp8_dot: bool = False,
 ) -> Tensor:
-    """`sfpp.attention.ring_attention_ref` on the chosen backend. fp8_dot (fp8 cache, triton only) also runs
-    both matmuls on fp8 tensor cores."""
-    backend = resolve("ring_attention", backend, q.device)
-    return _ring_attention(q, k_cache, v_cache, slot_frame, frame_tokens, k_scale, v_scale, backend, fp8_dot)
+    """Attention of q [B, Lq, H, D] over the first rows of the ring cache [B, S*T, H, D] (fp8 with scales
+    [B, S*T, H], or None): `sfpp.attention.ring_attention_ref` on the chosen backend. The valid prefix comes twice,
+    as `ChunkPlan` has it: valid_rows, a 0-dim device tensor (the Triton kernel reads it on the device, so one CUDA
+    graph serves every fill level), and valid_rows_host, the same number as an int (torch slices by it: SDPA with
+    no mask, static shapes per fill level)."""
+    backend = resolve("ring_attention", backend, q.device, k_cache.dtype == torch.float8_e4m3fn)
+    return _ring_attention(q, k_cache, v_cache, valid_rows, valid_rows_host, k_scale, v_scale, backend)
 
 
 # ----------------------------------------------------------------------------------------------- cache write
@@ -360,56 +341,10 @@ def cache_write(
     *,
     backend: str = "auto",
 ) -> Tensor:
-    """`kernels.cache_write_ref.cache_write` (RMSNorm + RoPE + ring append, fp8 optional) on the chosen backend."""
-    backend = resolve("cache_write", backend, q.device)
+    """`cache_write_ref` (q/k RMSNorm + RoPE + ring append, fp8 optional) on the chosen backend."""
+    backend = resolve("cache_write", backend, q.device, k_cache.dtype == torch.float8_e4m3fn)
     args = (q, k, v, norm_q, norm_k, cos_table, sin_table, frame_pos, token_index, k_cache, v_cache, k_scale, v_scale)
     return _cache_write(*args, height, width, list(split), eps, backend)
-
-
-# ----------------------------------------------------------------------------------------------- noise step
-
-
-@torch.library.custom_op("sfpp::noise_step", mutates_args=())
-def _noise_step(
-    x: Tensor,
-    flow: Tensor | None,
-    sigma: float,
-    sigma_next: float,
-    sigma_frames: Tensor | None,
-    sigma_next_frames: Tensor | None,
-    seed: int,
-    offset: int,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    s = sigma if sigma_frames is None else sigma_frames
-    s_next = sigma_next if sigma_next_frames is None else sigma_next_frames
-    if backend == "cuda":
-        return _cuda_noise_step(x, flow, s, s_next, seed, offset)
-    fn = _triton("noise_step").noise_step if backend == "triton" else noise_step_ref
-    return fn(x, flow, s, s_next, seed, offset)
-
-
-@_noise_step.register_fake
-def _(x, flow, sigma, sigma_next, sigma_frames, sigma_next_frames, seed, offset, backend):
-    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=torch.float32)
-
-
-def noise_step(
-    x: Tensor,
-    flow: Tensor | None,
-    sigma: float | Tensor,
-    sigma_next: float | Tensor,
-    seed: int,
-    offset: int = 0,
-    *,
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """(x0, x_next) of `kernels.noise_step.noise_step_ref` on the chosen backend; sigmas are floats or per-frame
-    tensors [B, F]; flow=None is the backward noise initialization (x is x0)."""
-    backend = resolve("noise_step", backend, x.device)
-    frames = [s if isinstance(s, Tensor) else None for s in (sigma, sigma_next)]
-    floats = [0.0 if isinstance(s, Tensor) else float(s) for s in (sigma, sigma_next)]
-    return _noise_step(x, flow, *floats, *frames, seed, offset, backend)
 
 
 # ----------------------------------------------------------------------------------------------- adaLN modulate

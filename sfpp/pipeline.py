@@ -1,8 +1,8 @@
 """The user-facing pipeline: prompt in, streamed video frames out.
 
-pipe = Pipeline.from_pretrained("path/to/model")    # sfpp's own, Wan2.1's original, or the diffusers layout
-pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B", checkpoint="self_forcing_dmd.pt", device="cuda",
-                                dtype=torch.bfloat16, cuda_graph=True)
+pipe = Pipeline.from_pretrained("default")          # the shipped model; or a directory: sfpp's own, Wan2.1's
+                                                    # original, or the diffusers layout
+pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B", checkpoint="self_forcing_dmd.pt", device="cuda")
 video = pipe(prompt="a red ball bounces", seconds=10, generator=torch.Generator().manual_seed(0)).frames[0]
 export_to_video(video, "out.mp4", fps=pipe.fps)
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from sfpp.graph import ChunkRunner
 from sfpp.model import WanConfig, WanModel, get_config
 from sfpp.sampler import FlowMatchSchedule, nvtx_range
 from sfpp.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for
+from sfpp.taehv import TAEHVDecoder
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.umt5 import UMT5TextEncoder
 from sfpp.vae import WanVAE
@@ -31,12 +33,63 @@ from sfpp.video import LatentPreviewDecoder, num_latent_frames
 
 CONFIG_FILE = "sfpp_pipeline.json"
 TRANSFORMER_FILE = "transformer.safetensors"
+# Models that ship inside the package, by name: `Pipeline.from_pretrained("default")` works from any directory.
+SHIPPED_MODELS = {"default": Path(__file__).parent / "assets" / "default"}
 
 # The parts a model directory may name by "type". Each class has `from_meta(meta, directory)`, `to_meta()` and
 # `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).
 TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder, "umt5": UMT5TextEncoder}
-DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE}
+DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE, "taehv": TAEHVDecoder}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The self-attention KV cache holds K/V in the DiT's dtype, or in fp8 with per-token-per-head scales.
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+# `WanModel.use_kernels` backends ("none": the plain torch path).
+KERNELS = ("auto", "torch", "triton", "cuda", "none")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a one-line ValueError when it is not a device name or not present on this machine."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda, cuda:N, ...") from exc
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+            raise ValueError(f"device {device} asked for, but no CUDA device is available here ({build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+        return device
+    backend = getattr(torch, device.type, None)  # mps, xpu, ...
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise ValueError(f"device {device} asked for, but it is not available here")
+    return device
+
+
+def device_defaults(device: torch.device) -> dict:
+    """What a pipeline runs unless told otherwise: on CUDA the fast path (bf16 DiT, the fused kernels by `auto`
+    dispatch, the chunk replayed from CUDA graphs); elsewhere fp32 through the plain torch path, eagerly (on a CPU
+    the Triton kernels only run in the interpreter, which is for tests, not speed)."""
+    cuda = device.type == "cuda"
+    return {
+        "dtype": torch.bfloat16 if cuda else torch.float32,
+        "kernels": "auto" if cuda else "none",
+        "cuda_graph": cuda,
+    }
+
+
+def unsupported(device: torch.device, *, compile: bool = False, kv_dtype: torch.dtype | None = None) -> str | None:
+    """Why a combination of options cannot run on `device`, or None when it can."""
+    if compile and kv_dtype == torch.float8_e4m3fn and device.type == "cpu":
+        return (
+            "torch.compile cannot compile the fp8 KV cache for a CPU (Inductor's C++ code generator: 'Promotion for "
+            "Float8 Types is not supported'); use the eager path or a bf16/fp32 cache there"
+        )
+    return None
 
 
 @dataclass
@@ -61,6 +114,32 @@ class StreamSettings:
             raise ValueError(f"invalid stream settings {self}")
         if self.window < self.frames_per_chunk:
             raise ValueError(f"window ({self.window}) must hold at least one chunk ({self.frames_per_chunk} frames)")
+
+
+def _is_number(x) -> bool:
+    """A real number, not a bool (True is not a length)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _integer(x, name: str) -> int:
+    """`x` as a Python int (numpy integers welcome): a non-number (or bool) is a TypeError, a fraction a ValueError."""
+    if not _is_number(x):
+        raise TypeError(f"{name} must be an integer, got {x!r} ({type(x).__name__})")
+    if not isinstance(x, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {x!r}")
+    return int(x)
+
+
+def _validate_noise(generator, seed) -> None:
+    if generator is not None and seed is not None:
+        raise ValueError("give a generator= or a seed=, not both")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator, got {generator!r} ({type(generator).__name__}); for an integer "
+            "seed pass seed="
+        )
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
 
 
 def _validate_prompt(prompt: str | list[str]) -> list[str]:
@@ -129,17 +208,27 @@ class Pipeline:
         seed: int = 0,
         settings: StreamSettings | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
+        kernels: str | None = None,
+        **options,
     ) -> Pipeline:
-        """A pipeline with random weights of a named config: exercises every stage, generates noise-like video."""
+        """A pipeline with random weights of a named config: exercises every stage, generates noise-like video.
+        `device`, `dtype`, `kernels` and `options` as in `from_pretrained`."""
+        device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         cfg = get_config(name)
         torch.manual_seed(seed)
         transformer = WanModel(cfg)
         text_encoder = ByteTextEncoder(ByteTextEncoderConfig(text_dim=cfg.text_dim, text_len=min(cfg.text_len, 64)))
         settings = settings or StreamSettings(height=64, width=64)
         pipe = cls(
-            transformer, text_encoder, LatentPreviewDecoder(cfg.in_channels), settings=settings, random_weights=True
+            transformer,
+            text_encoder,
+            LatentPreviewDecoder(cfg.in_channels),
+            settings=settings,
+            random_weights=True,
+            **options,
         )
+        pipe.transformer.use_kernels(None if kernels == "none" else kernels)
         return pipe.to(device, dtype)
 
     @classmethod
@@ -149,24 +238,36 @@ class Pipeline:
         checkpoint: str | Path | None = None,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
+        kernels: str | None = None,
         ema: bool = True,
         settings: StreamSettings | None = None,
+        decoder: str | None = None,
+        decoder_path: str | Path | None = None,
         **options,
     ) -> Pipeline:
-        """Load a model directory: sfpp's own (`save_pretrained`), Wan2.1's original layout (config.json,
-        diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or
-        the diffusers layout (model_index.json). `checkpoint`: DiT weights that replace the directory's, e.g. a
-        Self-Forcing `.pt` (its `generator_ema` if `ema` and present, else `generator`). Weights are read tensor by
-        tensor onto meta-device models: no second copy. `options`: `cuda_graph`, `compile`, `compile_options`."""
+        """Load a model: a shipped model by name (`SHIPPED_MODELS`: "default") or a directory, sfpp's own
+        (`save_pretrained`), Wan2.1's original layout (config.json, diffusion_pytorch_model.safetensors,
+        Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or the diffusers layout (model_index.json).
+        `checkpoint`: DiT weights that replace the directory's, e.g. a Self-Forcing `.pt` (its `generator_ema` if
+        `ema` and present, else `generator`). Weights are read tensor by tensor onto meta-device models: no second
+        copy. `decoder="tiny"`: decode with TAEHV (`sfpp.taehv`) from `decoder_path`, by default
+        taew2_1.safetensors or taew2_1.pth in the model directory. Unless given, `dtype`, `kernels` (a
+        `WanModel.use_kernels` backend, or "none") and the option `cuda_graph` follow the device (`device_defaults`:
+        the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`."""
         from sfpp import wan_checkpoints as wc
 
+        device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         path = Path(path)
         layout = wc.detect_layout(path) if path.is_dir() else None
+        if layout is None and str(path) in SHIPPED_MODELS:
+            path = SHIPPED_MODELS[str(path)]
+            layout = wc.detect_layout(path) if path.is_dir() else None
         if layout is None:
             raise FileNotFoundError(
                 f"{path} is not an sfpp model directory: {CONFIG_FILE} is missing (nor is it a Wan2.1 directory with "
-                f"{wc.WAN_CONFIG}, or a diffusers one with {wc.DIFFUSERS_INDEX})"
+                f"{wc.WAN_CONFIG}, or a diffusers one with {wc.DIFFUSERS_INDEX}, or the name of a shipped model: "
+                f"{sorted(SHIPPED_MODELS)})"
             )
         read_dtype = dtype  # cast tensor by tensor while reading: never a second full copy
         if layout == "sfpp":
@@ -179,13 +280,27 @@ class Pipeline:
             pipe = cls(transformer, text_encoder, vae, settings=settings, **options)
         if checkpoint is not None:
             wc.load_checkpoint(pipe.transformer, checkpoint, ema=ema, dtype=read_dtype)
+        if decoder is not None:
+            if decoder != "tiny":
+                raise ValueError(f"decoder must be 'tiny' or None (the model's own), got {decoder!r}")
+            pipe.check_decoder(TAEHVDecoder)  # before looking for weights: a model of other latents says so first
+            pipe.set_decoder(TAEHVDecoder.from_file(decoder_path or TAEHVDecoder.weights_in(path)))
+        pipe.transformer.use_kernels(None if kernels == "none" else kernels)
         return pipe.to(device, dtype)
 
     @classmethod
     def _from_sfpp_directory(cls, path: Path, *, load_dit: bool = True, **options) -> Pipeline:
-        meta = json.loads((path / CONFIG_FILE).read_text())
+        file = path / CONFIG_FILE
+        try:
+            meta = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"could not read {file}: {exc}") from exc
+        parts = ("transformer", "text_encoder", "decoder")
+        missing = [k for k in parts if k not in meta] if isinstance(meta, dict) else list(parts)
+        if missing:
+            raise CheckpointError(f"{file} has no {missing[0]!r} key (an sfpp model names each of {list(parts)})")
         with torch.device("meta"):
-            transformer = WanModel(WanConfig.from_dict(meta["transformer"]))
+            transformer = WanModel(_from_entry(WanConfig.from_dict, meta["transformer"], file, "transformer"))
         if load_dit:
             weights = path / TRANSFORMER_FILE
             load_weights(transformer, load_file(weights), source=str(weights))
@@ -194,10 +309,10 @@ class Pipeline:
             schedule["denoising_steps"] = tuple(schedule["denoising_steps"])
         return cls(
             transformer,
-            _part(TEXT_ENCODERS, meta["text_encoder"], path, "text encoder"),
+            _part(TEXT_ENCODERS, meta["text_encoder"], path, "text_encoder"),
             _part(DECODERS, meta["decoder"], path, "decoder"),
-            schedule=FlowMatchSchedule(**schedule),
-            settings=StreamSettings(**meta.get("settings", {})),
+            schedule=_from_entry(lambda d: FlowMatchSchedule(**d), schedule, file, "schedule"),
+            settings=_from_entry(lambda d: StreamSettings(**d), meta.get("settings", {}), file, "settings"),
             random_weights=meta.get("random_weights", False),
             **options,
         )
@@ -224,17 +339,48 @@ class Pipeline:
     def to(
         self,
         device: str | torch.device,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         *,
         decoder_dtype: torch.dtype | None = None,
     ) -> Pipeline:
-        """Move to a device; the DiT runs in `dtype`, a VAE decoder in `decoder_dtype` (default: `dtype`); the text
-        encoder keeps its own precision (umT5 with offload keeps its weights on the CPU between prompts)."""
+        """Move to a device; the DiT runs in `dtype` (default: the one it has), a VAE decoder in `decoder_dtype`
+        (default: the DiT's); the text encoder keeps its own precision (umT5 with offload keeps its weights on the
+        CPU between prompts). Options (kernels, CUDA graphs) stay as they are: `from_pretrained(..., device=)`
+        picks the device's defaults."""
+        device = check_device(device)
+        dtype = dtype or self.transformer.dtype
         self.transformer.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device)
         if isinstance(self.decoder, torch.nn.Module):
             self.decoder.to(device=device, dtype=decoder_dtype or dtype)
         return self
+
+    def check_decoder(self, decoder) -> None:
+        """Raise ValueError unless `decoder` (an instance or a class) decodes this model's latent space: the same
+        channels and spatial and temporal factors as the decoder it was trained with."""
+        have, want = self.decoder, decoder
+
+        def geometry(d) -> str:
+            return f"{d.channels} channels, {d.spatial_factor}x spatial, {d.temporal_factor}x temporal"
+
+        if (want.channels, want.spatial_factor, want.temporal_factor) != (
+            have.channels,
+            have.spatial_factor,
+            have.temporal_factor,
+        ):
+            name = getattr(want, "__name__", type(want).__name__)
+            raise ValueError(
+                f"{name} decodes latents of {geometry(want)}, but this model's latents are those of its "
+                f"{have.to_meta()['type']!r} decoder ({geometry(have)})"
+            )
+
+    def set_decoder(self, decoder) -> None:
+        """Decode with `decoder` from now on, e.g. `TAEHVDecoder.from_file("taew2_1.pth")`: it must decode the same
+        latent space (`check_decoder`). A module decoder moves to the pipeline's device and the DiT's dtype."""
+        self.check_decoder(decoder)
+        if isinstance(decoder, torch.nn.Module):
+            decoder.to(device=self.device, dtype=self.transformer.dtype)
+        self.decoder = decoder
 
     # --- generation
 
@@ -243,15 +389,20 @@ class Pipeline:
         if (num_frames is None) == (seconds is None):
             raise ValueError("give exactly one of num_frames= or seconds=")
         if seconds is not None:
+            if not _is_number(seconds):
+                raise TypeError(f"seconds must be a number, got {seconds!r} ({type(seconds).__name__})")
             if not seconds > 0:
                 raise ValueError(f"seconds must be positive, got {seconds}")
+            if math.isinf(seconds):
+                raise ValueError(f"seconds must be finite, got {seconds}: a video of a given length is written whole")
             num_frames = max(1, round(seconds * s.fps))
-        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-        height = s.height if height is None else height
-        width = s.width if width is None else width
+        num_frames = _integer(num_frames, "num_frames")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames}")
+        height = s.height if height is None else _integer(height, "height")
+        width = s.width if width is None else _integer(width, "width")
         multiple = self.decoder.spatial_factor * self.transformer.cfg.patch_size[1]
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
+        if height % multiple or width % multiple or height < 1 or width < 1:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         latent_frames = num_latent_frames(num_frames, self.decoder.temporal_factor)
         num_chunks = math.ceil(latent_frames / s.frames_per_chunk)
@@ -361,10 +512,9 @@ class Pipeline:
             _, _, h, w = self._plan(1, None, height, width)
         else:
             num_frames, _, h, w = self._plan(num_frames, seconds, height, width)
-        if generator is not None and seed is not None:
-            raise ValueError("give a generator= or a seed=, not both")
+        _validate_noise(generator, seed)
         if generator is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+            generator = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
         if video is not None:
             if not hasattr(self.decoder, "encode_frames"):
                 raise ValueError(
@@ -414,8 +564,46 @@ class Pipeline:
         return PipelineOutput(frames=torch.cat([f for f, _ in chunks], 1), latents=torch.cat([z for _, z in chunks], 2))
 
 
-def _part(registry: dict[str, type], meta: dict, directory: Path, what: str):
-    kind = meta.get("type")
+def _from_entry(build, entry, file: Path, key: str):
+    """`build(entry)` for the `key` entry of a model's JSON; a missing or unexpected field names the file and key."""
+    try:
+        return build(entry)
+    except KeyError as exc:
+        raise CheckpointError(f"{file}: the {key!r} entry has no {exc.args[0]!r} key") from exc
+    except (TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{file}: the {key!r} entry does not fit ({exc})") from exc
+
+
+def _part(registry: dict[str, type], meta: dict, directory: Path, key: str):
+    file = directory / CONFIG_FILE
+    kind = meta.get("type") if isinstance(meta, dict) else None
     if kind not in registry:
-        raise CheckpointError(f"unknown {what} type {kind!r} in {directory / CONFIG_FILE}; known: {sorted(registry)}")
-    return registry[kind].from_meta(meta, directory)
+        raise CheckpointError(f"{file}: unknown {key!r} type {kind!r}; known: {sorted(registry)}")
+    return _from_entry(lambda m: registry[kind].from_meta(m, directory), meta, file, key)
+
+
+def _resolve_options(device, dtype, kernels, options: dict) -> tuple[torch.device, torch.dtype, str, dict]:
+    """from_pretrained/from_config's options, with the device's defaults (`device_defaults`) where not given."""
+    device = check_device(device)
+    defaults = device_defaults(device)
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype!r}")
+    kernels = defaults["kernels"] if kernels is None else kernels
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
+    options = {"cuda_graph": defaults["cuda_graph"], **options}
+    if options["cuda_graph"] is None:
+        options["cuda_graph"] = defaults["cuda_graph"]
+    kv_dtype = options.get("kv_dtype")
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES.values():
+        raise ValueError(f"kv_dtype must be one of {list(KV_DTYPES.values())}, got {kv_dtype!r}")
+    dtype = dtype or defaults["dtype"]
+    if kv_dtype not in (None, dtype, torch.float8_e4m3fn):
+        raise ValueError(
+            f"kv_dtype {kv_dtype} needs dtype={kv_dtype} (the DiT runs in {dtype}): the ring cache holds K/V in the "
+            "DiT's dtype, or in fp8"
+        )
+    reason = unsupported(device, compile=options.get("compile", False), kv_dtype=kv_dtype)
+    if reason:
+        raise ValueError(reason)
+    return device, dtype, kernels, options

@@ -86,7 +86,7 @@ def test_ring_attention_after_many_wraps(cfg, window, sink, chunk):
         all_v += list(v.split(tokens, 1))
         plan = cache.plan(batch, n, tokens)
         cache.write(0, plan, k, v)
-        out = ring_attention_ref(q, k_cache, v_cache, cache.slot_frame, tokens)
+        out = ring_attention_ref(q, k_cache, v_cache, plan.valid_rows_host)
         end = start + n
         keep = [f for f in range(end) if f < sink or f >= max(sink, end - window)]
         ref = explicit_attention(q, [all_k[f] for f in keep], [all_v[f] for f in keep])

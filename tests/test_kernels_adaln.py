@@ -152,4 +152,5 @@ def test_model_chunk_runs_the_kernel(monkeypatch, dtype, tol):
     with torch.enable_grad():
         grad = _chunks(copy.deepcopy(model).use_kernels("triton"), dtype, chunks=1)
     assert not calls and grad.requires_grad
-    assert torch.equal(grad.detach(), ref[:, :, :2])  # the default torch path, bit for bit
+    # the torch path (with gradients its self-attention is the two-part cache + chunk attention: not bit for bit)
+    assert (grad.detach() - ref[:, :, :2]).abs().max().item() <= tol * scale

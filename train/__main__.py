@@ -5,6 +5,8 @@ python -m train teacher --recipe toy --out runs/toy      # one stage (resumes fr
 torchrun --nproc_per_node=2 -m train all --recipe smoke --out /tmp/smoke
 python -m train eval --recipe toy --out runs/toy         # long-horizon evaluation: table and plots
 python -m train ship --recipe toy --out runs/toy         # write the default model into sfpp/assets/default
+torchrun --nproc_per_node=8 -m train all --recipe wan2.1-1.3b --wan-dir Wan2.1-T2V-1.3B --prompts prompts.txt \
+    --out runs/wan [--checkpoint self_forcing_dmd.pt]    # from Wan2.1's weights: the paper's setting
 """
 
 from __future__ import annotations
@@ -38,11 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         choices=["extended", "grpo", "dmd"],
         help="which student `ship` packages (default: the Self-Forcing++ EMA student)",
     )
+    p.add_argument("--wan-dir", default=None, help="wan2.1-1.3b: the Wan2.1 directory (Wan's or diffusers' layout)")
+    p.add_argument("--prompts", default=None, help="wan2.1-1.3b: prompt file, one prompt a line")
+    p.add_argument("--checkpoint", default=None, help="wan2.1-1.3b: a Self-Forcing student instead of ODE init")
     args = p.parse_args(argv)
 
     if "SFPP_THREADS" in os.environ:  # small models on a busy CPU run faster on one thread than on two
         torch.set_num_threads(int(os.environ["SFPP_THREADS"]))
     recipe, out = get_recipe(args.recipe), Path(args.out)
+    wan_args = {"wan_dir": args.wan_dir, "prompt_file": args.prompts, "student_checkpoint": args.checkpoint}
+    if recipe.wan:
+        recipe = get_recipe(args.recipe, **{k: str(Path(v).resolve()) for k, v in wan_args.items() if v})
+    elif any(wan_args.values()):
+        p.error(f"--wan-dir, --prompts and --checkpoint belong to the wan recipes, not {args.recipe!r}")
     env = init_distributed(args.device)
     stages = STAGES if args.command == "all" else (args.command,) if args.command in STAGES else ()
     for name in stages:
@@ -57,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()  # free the sharded modules (and their device mesh) while the group still exists
         dist.barrier()
         dist.destroy_process_group()
-    if env.is_main:
+    if env.is_main and recipe.wan and args.command in ("eval", "ship", "all"):
+        info(env, f"{args.command} is for the toy world; the Wan students are {out}/extended/final/ema.safetensors "
+             "and grpo/final/policy.safetensors (Pipeline.from_pretrained(wan_dir, checkpoint=...))")  # fmt: skip
+    elif env.is_main:
         if args.command in ("eval", "all"):
             from train.evaluate import evaluate
 

@@ -51,12 +51,16 @@ def init_distributed(device: str | None = None) -> Dist:
 
 
 def shard(module: nn.Module, env: Dist, forward_methods: tuple[str, ...] = ()) -> nn.Module:
-    """FSDP2 over all ranks (one unit: the toy models are small; a 1.3B run would shard per block as well).
-    `forward_methods` are entry points other than forward (e.g. forward_chunk) that must unshard parameters."""
+    """FSDP2 over all ranks in torchtitan's order: one unit per DiT block (each gathers only its own weights, just in
+    time), then the root for what is left (embeddings, head). `forward_methods` are entry points other than forward
+    (e.g. forward_chunk, text_kv) that must unshard parameters; each block serves `text_kv` for its layer."""
     if env.world_size == 1:
         return module
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    for block in getattr(module, "blocks", ()):
+        fully_shard(block)
+        register_fsdp_forward_method(block, "text_kv")  # called by the root, not through the block's forward
     fully_shard(module)
     for name in forward_methods:
         register_fsdp_forward_method(module, name)

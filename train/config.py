@@ -26,7 +26,7 @@ class TeacherConfig:
 class ODEConfig:
     trajectories: int = 512
     euler_steps: int = 32  # a multiple of the student's 4 steps, so its timesteps lie on the Euler grid
-    guidance: float = 3.0
+    guidance: float = 3.0  # teacher CFG of the trajectories (the paper does not state it; DMD's scale)
     steps: int = 1000
     batch_size: int = 16
     lr: float = 2e-4
@@ -39,13 +39,39 @@ class DMDConfig:
     gen_lr: float = 2e-5
     critic_lr: float = 4e-5
     critic_per_gen: int = 5  # critic updates per generator update
+    # CFG scale of the real score: Self-Forcing's guidance_scale 3.0, which the paper keeps. One difference: the
+    # unconditional branch here is the empty prompt (what the teacher's prompt dropout trained), where Self-Forcing
+    # feeds Wan's default negative prompt.
     guidance: float = 3.0
     ema_decay: float = 0.99
     ema_start: int = 50
     rollout_frames: int = 12  # N latent frames rolled out; == the teacher horizon for Self-Forcing
     window_sampling: str = "uniform"  # "uniform" (the paper's) or "beta" (Beta(1, 2) ablation)
+    # Which denoising step's x0 carries gradients: "uniform" draws one per rollout, shared by its chunks
+    # (Self-Forcing), "last" always the final step (Self-Forcing++'s main method, section 4.3.2 / Table 4).
+    grad_step: str = "uniform"
+    # How the window starts: "fresh" noise (Self-Forcing), or "backward" noise initialisation (Self-Forcing++,
+    # section 3.2 eq. 1 and Algorithm 1 line 4-5: the rollout's clean window re-noised to a denoising step drawn
+    # uniformly from the schedule, then denoised again; step 0 has sigma 1, i.e. pure noise).
+    noise_init: str = "fresh"
     min_sigma: float = 0.02
     max_sigma: float = 0.98
+    weight_decay: float = 0.01  # AdamW, generator and critic: Self-Forcing's default (the paper adopts its settings)
+    max_grad_norm: float = 10.0  # gradient clipping, generator and critic (Self-Forcing's)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("window_sampling", self.window_sampling, ("uniform", "beta")),
+            ("grad_step", self.grad_step, ("uniform", "last")),
+            ("noise_init", self.noise_init, ("fresh", "backward")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def extended_dmd(**overrides) -> DMDConfig:
+    """Self-Forcing++'s defaults: long rollouts, gradient at the last step, backward noise initialisation."""
+    return DMDConfig(**{"rollout_frames": 60, "grad_step": "last", "noise_init": "backward", **overrides})
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,7 @@ class GRPOConfig:
     clip_eps: float = 0.2
     inner_epochs: int = 2
     flow_floor: float = 0.25  # px/frame added to the mean flow in the reward's denominator
+    max_grad_norm: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,14 +102,27 @@ class Recipe:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     self_forcing: DMDConfig = field(default_factory=DMDConfig)
-    extended: DMDConfig = field(default_factory=lambda: DMDConfig(rollout_frames=60))
+    extended: DMDConfig = field(default_factory=extended_dmd)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     log_every: int = 25
     ckpt_every: int = 100
+    checkpoint_blocks: bool = True  # activation checkpointing per DiT block in every forward with gradients
+    frame_width: int | None = None  # pixels; None: square frames of frame_size
+    # The real model (`train/wan.py`): teacher = the Wan2.1 DiT in wan_dir (Wan's or diffusers' layout), prompts
+    # from prompt_file encoded once by its umT5, student by ODE init or from a Self-Forcing student_checkpoint.
+    wan: bool = False
+    wan_dir: str | None = None
+    prompt_file: str | None = None
+    student_checkpoint: str | None = None
+    negative_prompt: str = ""  # the unconditional prompt of CFG (Self-Forcing uses Wan's default negative prompt)
 
     @property
     def latent_size(self) -> int:
         return self.frame_size // self.codec_factor
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.frame_size // self.codec_factor, (self.frame_width or self.frame_size) // self.codec_factor
 
 
 TOY_MODEL = WanConfig(
@@ -99,7 +139,9 @@ TOY_MODEL = WanConfig(
 TOY_TEXT = ByteTextEncoderConfig(text_dim=64, text_len=32, num_layers=2, num_heads=2, tokenizer="words")
 
 RECIPES: dict[str, Recipe] = {
-    "toy": Recipe("toy", TOY_MODEL, TOY_TEXT),
+    # The shipped toy model was trained before grad_step/noise_init existed (fresh noise, random exit step in both
+    # DMD stages) and without checkpointing (which changes no number); retraining it is a separate issue.
+    "toy": Recipe("toy", TOY_MODEL, TOY_TEXT, checkpoint_blocks=False),
     "smoke": Recipe(
         "smoke",
         replace(TOY_MODEL, dim=32, ffn_dim=64, num_heads=2, num_layers=1),
@@ -109,17 +151,20 @@ RECIPES: dict[str, Recipe] = {
         teacher=TeacherConfig(steps=4, batch_size=2, warmup=1),
         ode=ODEConfig(trajectories=4, euler_steps=8, steps=3, batch_size=2),
         self_forcing=DMDConfig(steps=2, batch_size=2, critic_per_gen=2, ema_start=0, rollout_frames=6),
-        extended=DMDConfig(steps=2, batch_size=2, critic_per_gen=2, ema_start=0, rollout_frames=12),
+        extended=extended_dmd(steps=2, batch_size=2, critic_per_gen=2, ema_start=0, rollout_frames=12),
         grpo=GRPOConfig(steps=2, prompts_per_step=1, group_size=2, rollout_frames=6, inner_epochs=1),
         log_every=1,
         ckpt_every=2,
     ),
-    # The real model: Wan2.1-T2V-1.3B at 832x480 (VAE latents 104x60), 21-frame horizon and window, umT5 text.
+    # The real model: Wan2.1-T2V-1.3B at 832x480 (VAE latents 60x104), 21-frame horizon and window, umT5 text;
+    # needs wan_dir and prompt_file (python -m train all --recipe wan2.1-1.3b --wan-dir DIR --prompts FILE).
     "wan2.1-1.3b": Recipe(
         "wan2.1-1.3b",
         get_config("wan2.1-1.3b"),
-        ByteTextEncoderConfig(text_dim=4096, text_len=512),
+        ByteTextEncoderConfig(text_dim=4096, text_len=512),  # unused: umT5 encodes the prompts
         frame_size=480,
+        frame_width=832,
+        wan=True,
         codec_factor=8,
         fps=16,
         horizon=21,
@@ -127,7 +172,7 @@ RECIPES: dict[str, Recipe] = {
         teacher=TeacherConfig(batch_size=1, lr=1e-5),
         ode=ODEConfig(trajectories=16000, batch_size=1),
         self_forcing=DMDConfig(batch_size=1, gen_lr=2e-6, critic_lr=4e-7, rollout_frames=21, ema_start=200),
-        extended=DMDConfig(batch_size=1, gen_lr=2e-6, critic_lr=4e-7, rollout_frames=400, ema_start=200),
+        extended=extended_dmd(batch_size=1, gen_lr=2e-6, critic_lr=4e-7, rollout_frames=400, ema_start=200),
         grpo=GRPOConfig(rollout_frames=84),
     ),
 }

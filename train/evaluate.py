@@ -54,7 +54,7 @@ def evaluate(recipe: Recipe, out: Path, device: torch.device, num_prompts: int =
     )
     teacher = helper.frozen_teacher()
     gen = torch.Generator().manual_seed(1)
-    noise = R.randn((num_prompts, recipe.model.in_channels, k, recipe.latent_size, recipe.latent_size), gen, device)
+    noise = R.randn((num_prompts, recipe.model.in_channels, k, *recipe.latent_hw), gen, device)
     x0, _ = R.teacher_ode(
         teacher,
         noise,

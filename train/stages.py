@@ -47,6 +47,7 @@ from train.metrics import smoothness_reward
 from train.world import render_batch, sample_spec
 
 STAGES = ("teacher", "ode", "dmd", "extended", "grpo")
+SHARED_STREAM = 4099  # seeds the generator every rank shares, as if it were a rank no run has
 
 
 def world_codec(recipe: Recipe) -> PatchPCACodec:
@@ -88,9 +89,20 @@ class Stage:
     def __init__(self, recipe: Recipe, out: Path, env: Dist) -> None:
         self.recipe, self.out, self.env = recipe, Path(out), env
         self.dir = self.out / self.name
-        self.codec = world_codec(recipe)
+        if recipe.wan:
+            from train.wan import VAEFrames
+
+            self.codec = VAEFrames(recipe, env.device)  # pixels only where needed: GRPO's reward
+        else:
+            self.codec = world_codec(recipe)
         self.schedule = FlowMatchSchedule()
+        # Two random streams. `generator` differs per rank: noise, data, noise levels. `shared` is seeded the same on
+        # every rank and draws everything that decides how many forward passes a step makes (window starts, exit
+        # and restart steps): under FSDP each of those passes is a collective per block, so ranks that drew
+        # differently would pair up wrong all-gathers and hang.
         self.generator = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * env.rank)
+        self.shared = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * SHARED_STREAM)
+        self.draws: list[tuple] = []  # every shared draw made, compared across ranks at the end
         self.history: list[dict[str, float]] = []
         self.models: dict[str, nn.Module] = {}  # checkpointed, sharded
         self.optimizers: dict[str, torch.optim.Optimizer] = {}  # keyed like their model
@@ -117,16 +129,35 @@ class Stage:
         return self.env.device
 
     def frozen_text(self) -> ByteTextEncoder:
+        if self.recipe.wan:
+            from train.wan import PromptTable
+
+            return PromptTable(self.out, self.device)
         text = ByteTextEncoder(self.recipe.text)
         load_module(text, self.out / "teacher" / "final" / "text.safetensors")
         return text.to(self.device).eval().requires_grad_(False)
 
     def frozen_teacher(self) -> WanModel:
+        if self.recipe.wan:
+            from train import wan
+
+            return wan.teacher(self.recipe, self.device)
         teacher = load_module(WanModel(self.recipe.model), self.out / "teacher" / "final" / "teacher.safetensors")
         return teacher.to(self.device).eval().requires_grad_(False)
 
+    def trainable(self, model: WanModel) -> WanModel:
+        model.checkpoint_blocks = self.recipe.checkpoint_blocks
+        return model.to(self.device)
+
     def encode(self, text: ByteTextEncoder, prompts: list[str]) -> Tensor:
+        if self.recipe.wan:
+            return text.lookup(prompts)
         return text(text.tokenize(prompts).to(self.device))
+
+    def prompts(self, step: int, batch: int, salt: int) -> list[str]:
+        """This rank's prompts for a step: the world's (toy), or the prompt file's (Wan)."""
+        seeds = data_seeds(step, self.env.rank, self.env.world_size, batch, salt)
+        return self.text.pick(seeds) if self.recipe.wan else world_prompts(seeds)
 
     def world_batch(self, step: int, batch: int, frames: int) -> tuple[Tensor, list[str]]:
         seeds = data_seeds(step, self.env.rank, self.env.world_size, batch, self.salt)
@@ -134,11 +165,12 @@ class Stage:
         return self.codec.encode(video).to(self.device), prompts
 
     def chunk_shape(self, batch: int) -> tuple[int, ...]:
-        s = self.recipe.latent_size
-        return (batch, self.recipe.model.in_channels, self.recipe.frames_per_chunk, s, s)
+        h, w = self.recipe.latent_hw
+        return (batch, self.recipe.model.in_channels, self.recipe.frames_per_chunk, h, w)
 
     def new_cache(self, model: WanModel, batch: int, ctx: Tensor) -> RingKVCache:
-        tokens = (self.recipe.latent_size // model.cfg.patch_size[1]) ** 2
+        h, w = self.recipe.latent_hw
+        tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
         cache = RingKVCache(
             model.cfg, batch_size=batch, frame_tokens=tokens, window=self.recipe.window, device=self.device
         )
@@ -155,6 +187,8 @@ class Stage:
             "history": self.history,
             "optimizers": {k: optimizer_state(self.models[k], o) for k, o in self.optimizers.items()},
             "generators": _gather(self.generator.get_state(), self.env),
+            "shared": self.shared.get_state(),
+            "draws": self.draws,
             "recipe": asdict(self.recipe),
         }
         save_checkpoint(self.dir / "ckpt", step, weights, state, self.env)
@@ -177,6 +211,8 @@ class Stage:
         if self.ema is not None:
             self.ema.load_full(weights["ema"])
         self.generator.set_state(state["generators"][self.env.rank])
+        self.shared.set_state(state["shared"])
+        self.draws = state["draws"]
         self.history = state["history"]
         info(self.env, f"[{self.name}] resumed at step {state['step']}")
         return state["step"]
@@ -191,6 +227,9 @@ class Stage:
         logger = Logger(self.env, self.name, self.total_steps, start, self.recipe.log_every)
         for step in range(start, self.total_steps):
             losses = self.step(step)
+            for model in self.models.values():  # FSDP2 keeps the root gathered after a forward with no backward
+                if hasattr(model, "reshard"):
+                    model.reshard()
             self.history.append(losses)
             logger.log(step, losses)
             if (step + 1) % self.recipe.ckpt_every == 0 or step + 1 == self.total_steps:
@@ -205,16 +244,23 @@ class Stage:
     def finish(self) -> None:
         from safetensors.torch import save_file
 
+        # Each rank's own fingerprint, computed before any collective: its shared draws and its shared generator.
+        # (Under FSDP the weights exist once, sharded, and cannot drift apart; the draws can.)
+        own = {"draws": _digest(self.draws), "shared": _digest(self.shared.get_state().tolist())}
+        fingerprints = _gather(own, self.env)
         outputs = self.outputs()
         checksums = _gather({name: weights_checksum(m) for name, m in self.models.items()}, self.env)
         if self.env.is_main:
+            if any(f != fingerprints[0] for f in fingerprints):
+                raise RuntimeError(f"[{self.name}] ranks made different shared draws: {fingerprints}")
             if any(c != checksums[0] for c in checksums):
                 raise RuntimeError(f"[{self.name}] ranks disagree on the weights: {checksums}")
             final = self.dir / "final"
             final.mkdir(parents=True, exist_ok=True)
             for file, sd in outputs.items():
                 save_file({k: v.contiguous() for k, v in sd.items()}, str(final / f"{file}.safetensors"))
-            write_json(final / "metrics.json", {"history": self.history, "rank_checksums": checksums}, self.env)
+            metrics = {"history": self.history, "rank_checksums": checksums, "rank_fingerprints": fingerprints}
+            write_json(final / "metrics.json", metrics, self.env)
             (final / "DONE").write_text("ok\n")
         _barrier(self.env)
         info(self.env, f"[{self.name}] done -> {self.dir / 'final'}")
@@ -228,13 +274,28 @@ def _gather(obj, env: Dist) -> list:
     return out
 
 
+def _digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+
+
 def _barrier(env: Dist) -> None:
     if env.world_size > 1:
         torch.distributed.barrier()
 
 
-def _adamw(params, lr: float, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
+def _adamw(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def _clip_and_step(model: nn.Module, optim: torch.optim.Optimizer, max_norm: float | None) -> float:
+    """Clip the gradient's global norm (across ranks under FSDP), step; returns the norm before clipping."""
+    if hasattr(model, "reshard"):  # the root stays gathered after the context passes that follow the last backward
+        model.reshard()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm else float("inf"))
+    optim.step()
+    return float(norm.full_tensor() if isinstance(norm, torch.distributed.tensor.DTensor) else norm)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -249,7 +310,7 @@ class TeacherStage(Stage):
         cfg = self.recipe.teacher
         self.total_steps = cfg.steps
         torch.manual_seed(self.recipe.seed)
-        dit = shard(WanModel(self.recipe.model).to(self.device), self.env)
+        dit = shard(self.trainable(WanModel(self.recipe.model)), self.env)
         text = shard(ByteTextEncoder(self.recipe.text).to(self.device), self.env)
         self.models = {"teacher": dit, "text": text}
         self.optimizers = {"teacher": _adamw(dit.parameters(), cfg.lr), "text": _adamw(text.parameters(), cfg.lr)}
@@ -269,8 +330,8 @@ class TeacherStage(Stage):
                 group["lr"] = cfg.lr * lr_scale
             optim.zero_grad(set_to_none=True)
         loss.backward()
-        for optim in self.optimizers.values():
-            optim.step()
+        for name, optim in self.optimizers.items():
+            _clip_and_step(self.models[name], optim, None)
         return {"loss": loss.item()}
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
@@ -286,11 +347,18 @@ class ODEStage(Stage):
         cfg = self.recipe.ode
         self.total_steps = cfg.steps
         self.text = self.frozen_text()
+        if self.recipe.student_checkpoint:  # a Self-Forcing student replaces the ODE initialisation
+            from train import wan
+
+            self.total_steps = 0
+            self.models = {"student": shard(self.trainable(wan.student_init(self.recipe, self.device)), self.env)}
+            self.optimizers = {}
+            return
         teacher = self.frozen_teacher()
         self.trajectories = self._trajectories(teacher)
         student = WanModel(self.recipe.model)
         student.load_state_dict(teacher.state_dict())  # the student starts as the teacher, made causal
-        self.models = {"student": shard(student.to(self.device), self.env)}
+        self.models = {"student": shard(self.trainable(student), self.env)}
         self.optimizers = {"student": _adamw(self.models["student"].parameters(), cfg.lr)}
 
     @torch.no_grad()
@@ -306,10 +374,10 @@ class ODEStage(Stage):
         batch = max(1, min(32, count))
         for i in range(0, count, batch):
             n = min(batch, count - i)
-            p = world_prompts(data_seeds(i, env.rank, env.world_size, n, 99))
-            shape = (n, *self.chunk_shape(1)[1:2], self.recipe.horizon, *self.chunk_shape(1)[3:])
+            p = self.prompts(i, n, 99)
+            shape = (n, self.recipe.model.in_channels, self.recipe.horizon, *self.recipe.latent_hw)
             noise = R.randn(shape, gen, self.device)
-            ctx, unc = self.encode(self.text, p), self.encode(self.text, [""] * n)
+            ctx, unc = self.encode(self.text, p), self.encode(self.text, [self.recipe.negative_prompt] * n)
             x0, xs = R.teacher_ode(
                 teacher, noise, ctx, unc, guidance=cfg.guidance, steps=cfg.euler_steps, shift=self.schedule.shift
             )
@@ -339,7 +407,7 @@ class ODEStage(Stage):
         loss = F.mse_loss(x0, data["x0"][idx].to(self.device))
         self.optimizers["student"].zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizers["student"].step()
+        _clip_and_step(self.models["student"], self.optimizers["student"], None)
         return {"loss": loss.item()}
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
@@ -366,65 +434,74 @@ class DMDStage(Stage):
         critic = WanModel(self.recipe.model)
         critic.load_state_dict(self.teacher.state_dict())  # the fake score starts as the real one
         self.models = {
-            "generator": shard(generator.to(self.device), self.env, ("forward_chunk", "text_kv")),
-            "critic": shard(critic.to(self.device), self.env),
+            "generator": shard(self.trainable(generator), self.env, ("forward_chunk", "text_kv")),
+            "critic": shard(self.trainable(critic), self.env),
         }
         betas = (0.0, 0.999)  # as in the paper
         self.optimizers = {
-            "generator": _adamw(self.models["generator"].parameters(), cfg.gen_lr, betas),
-            "critic": _adamw(self.models["critic"].parameters(), cfg.critic_lr, betas),
+            "generator": _adamw(self.models["generator"].parameters(), cfg.gen_lr, betas, cfg.weight_decay),
+            "critic": _adamw(self.models["critic"].parameters(), cfg.critic_lr, betas, cfg.weight_decay),
         }
         self.ema = EMA(self.models["generator"], cfg.ema_decay)
 
-    def window_start(self) -> int:
-        """Chunk-aligned start of the K-frame window in an N-frame rollout: uniform (the paper) or Beta(1, 2)."""
-        cfg, fpc = self.cfg, self.recipe.frames_per_chunk
+    def draw_window(self) -> R.WindowDraw:
+        """The window's structure, from the shared generator (the same on every rank).
+
+        start: chunk-aligned, uniform over the N-frame rollout (the paper; eq. 2) or Beta(1, 2) (its ablation).
+        noise_step: for backward noise initialisation, uniform over the denoising steps (Algorithm 1 line 4).
+        exit steps: the last step (Self-Forcing++) or one uniform step >= noise_step for all chunks (Self-Forcing)."""
+        cfg, fpc, steps = self.cfg, self.recipe.frames_per_chunk, len(self.schedule.sigmas)
         starts = (cfg.rollout_frames - self.recipe.horizon) // fpc + 1
         if cfg.window_sampling == "uniform":
-            return fpc * int(torch.randint(starts, (1,), generator=self.generator))
-        if cfg.window_sampling == "beta":
-            u = torch.rand(2, generator=self.generator)  # Beta(1, 2) is the minimum of two uniforms
-            return fpc * min(int(u.min() * starts), starts - 1)
-        raise ValueError(f"window_sampling must be 'uniform' or 'beta', got {cfg.window_sampling!r}")
+            start = fpc * int(torch.randint(starts, (1,), generator=self.shared))
+        else:
+            u = torch.rand(2, generator=self.shared)  # Beta(1, 2) is the minimum of two uniforms
+            start = fpc * min(int(u.min() * starts), starts - 1)
+        noise_step = int(torch.randint(steps, (1,), generator=self.shared)) if cfg.noise_init == "backward" else 0
+        if cfg.grad_step == "last":
+            exit_step = steps - 1
+        else:
+            exit_step = int(torch.randint(noise_step, steps, (1,), generator=self.shared))
+        draw = R.WindowDraw(start, noise_step, (exit_step,) * math.ceil(self.recipe.horizon / fpc))
+        self.draws.append((draw.start, draw.noise_step, draw.exit_steps))
+        return draw
 
-    def rollout_window(self, prompts: list[str], grad: bool) -> tuple[Tensor, Tensor]:
-        gen_model, rc = self.models["generator"], self.recipe
+    def rollout_window(self, prompts: list[str]) -> tuple[R.Window, RingKVCache, Tensor]:
+        """A window of the student's own rollout (no gradients), its cache and the prompts' context."""
+        gen_model = self.models["generator"]
         ctx = self.encode(self.text, prompts)
-        start = self.window_start()
         cache = self.new_cache(gen_model, len(prompts), ctx)
-        with torch.set_grad_enabled(grad):
-            window = R.student_rollout(
-                gen_model,
-                cache,
-                self.chunk_shape(len(prompts)),
-                start + rc.horizon,
-                self.schedule,
-                self.generator,
-                grad_from=start,
-            )
-        return window[:, :, : rc.horizon], ctx
+        shape = self.chunk_shape(len(prompts))
+        window = R.window_rollout(gen_model, cache, shape, self.draw_window(), self.schedule, self.generator)
+        return window, cache, ctx
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
-        prompts = world_prompts(data_seeds(step, self.env.rank, self.env.world_size, cfg.batch_size, 5))
-        uncond = self.encode(self.text, [""] * len(prompts))
+        prompts = self.prompts(step, cfg.batch_size, 5)
+        uncond = self.encode(self.text, [self.recipe.negative_prompt] * len(prompts))
         sigma = R.sample_sigma(len(prompts), self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
         losses = {}
         if step % cfg.critic_per_gen == 0:  # generator update
-            x0, ctx = self.rollout_window(prompts, grad=True)
+            window, cache, ctx = self.rollout_window(prompts)
+            x0 = window.x0[:, :, : self.recipe.horizon].clone().requires_grad_()  # DMD's gradient w.r.t. the window
             loss = R.dmd_loss(x0, self.teacher, self.models["critic"], ctx, uncond, sigma, self.generator, cfg.guidance)
-            self.optimizers["generator"].zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizers["generator"].step()
+            grad_x0 = F.pad(x0.grad, (0, 0, 0, 0, 0, window.x0.shape[2] - x0.shape[2]))  # frames past K: none
+            self.optimizers["generator"].zero_grad(set_to_none=True)
+            R.window_backward(self.models["generator"], cache, window, grad_x0, self.schedule)
+            losses["gen_grad_norm"] = _clip_and_step(
+                self.models["generator"], self.optimizers["generator"], cfg.max_grad_norm
+            )
             gen_step = step // cfg.critic_per_gen
             self.ema.update(self.models["generator"], 0.0 if gen_step < cfg.ema_start else None)
             losses["dmd"] = loss.item()
-        x0, ctx = self.rollout_window(prompts, grad=False)
+        window, _, ctx = self.rollout_window(prompts)
+        x0 = window.x0[:, :, : self.recipe.horizon]
         sigma = R.sample_sigma(len(prompts), self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
         loss = R.critic_loss(self.models["critic"], x0, ctx, sigma, self.generator)
         self.optimizers["critic"].zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizers["critic"].step()
+        _clip_and_step(self.models["critic"], self.optimizers["critic"], cfg.max_grad_norm)
         losses["critic"] = loss.item()
         return losses
 
@@ -450,12 +527,12 @@ class GRPOStage(Stage):
         self.total_steps = cfg.steps
         self.text = self.frozen_text()
         policy = load_module(WanModel(self.recipe.model), self.out / "extended" / "final" / "ema.safetensors")
-        self.models = {"policy": shard(policy.to(self.device), self.env, ("forward_chunk", "text_kv"))}
+        self.models = {"policy": shard(self.trainable(policy), self.env, ("forward_chunk", "text_kv"))}
         self.optimizers = {"policy": _adamw(self.models["policy"].parameters(), cfg.lr)}
 
     def step(self, step: int) -> dict[str, float]:
         cfg, policy = self.recipe.grpo, self.models["policy"]
-        prompts = world_prompts(data_seeds(step, self.env.rank, self.env.world_size, cfg.prompts_per_step, 6))
+        prompts = self.prompts(step, cfg.prompts_per_step, 6)
         prompts = [p for p in prompts for _ in range(cfg.group_size)]  # [P * G]
         ctx = self.encode(self.text, prompts)
         cache = self.new_cache(policy, len(prompts), ctx)
@@ -473,14 +550,19 @@ class GRPOStage(Stage):
             cache.reset()
             with torch.no_grad():
                 cache.set_text(policy.text_kv(ctx))
-            for chunk in record:  # backward per chunk: the cache holds no graph across chunks
-                ratio = torch.exp(R.replay_logp(policy, cache, chunk, self.schedule) - chunk["logp"])  # [B, T-1]
+            for c, chunk in enumerate(record):  # backward per chunk, before its context pass: no graph in the ring
+                R._gradient_sync(policy, c == len(record) - 1)
+                # Log-probabilities are sums over ~10^5 dimensions (eq. 7): a log-ratio can reach hundreds after one
+                # update. Beyond e^20 the ratio is held (no gradient) instead of overflowing to inf and NaN.
+                log_ratio = R.replay_logp(policy, cache, chunk, self.schedule) - chunk["logp"]  # [B, T-1]
+                ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
                 adv = advantages[:, None]
                 objective = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
                 loss = -objective.mean() / len(record)
                 loss.backward()
+                R.replay_context(policy, cache, chunk, self.schedule)
                 total += loss.item()
-            self.optimizers["policy"].step()
+            _clip_and_step(policy, self.optimizers["policy"], cfg.max_grad_norm)
         return {"reward": float(rewards.mean()), "loss": total / cfg.inner_epochs}
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
@@ -499,6 +581,11 @@ STAGE_CLASSES = {
 def run_stage(name: str, recipe: Recipe, out: Path, env: Dist, stop_after: int | None = None) -> list[dict]:
     if name not in STAGE_CLASSES:
         raise ValueError(f"unknown stage {name!r}; choose from {list(STAGE_CLASSES)}")
+    if recipe.wan and name == "teacher":  # the teacher is Wan2.1 itself: this stage only encodes the prompts
+        from train import wan
+
+        wan.prepare(recipe, Path(out), env)
+        return []
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     return STAGE_CLASSES[name](recipe, out, env).run(stop_after=stop_after)

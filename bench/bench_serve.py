@@ -1,0 +1,81 @@
+"""Frames per second a browser receives from `sfpp serve`: the server in a subprocess, a headless system Chromium
+driven by Playwright playing one stream for `--seconds`. Saves JSON under bench/results/.
+
+    python -m bench.bench_serve --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import save
+from sfpp.serve import DEFAULT_PROMPT
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long to watch (default 30)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--chromium", default=shutil.which("chromium"), help="browser executable (default: chromium)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the server's device")
+    parser.add_argument("--model", help="model directory (default: the shipped model)")
+    parser.add_argument("--note", default="", help="free text saved with the result (e.g. how busy the machine was)")
+    parser.add_argument("--out-dir", help="where to save the JSON (default bench/results/)")
+    args = parser.parse_args(argv)
+    if not args.chromium:
+        raise SystemExit("no chromium found: pass --chromium PATH")
+    from playwright.sync_api import sync_playwright
+
+    command = [sys.executable, "-m", "sfpp.cli", "serve", "--port", "0", "--device", args.device]
+    command += ["--model", args.model] if args.model else []
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = server.stdout.readline()
+        if "open http" not in line:
+            raise SystemExit(f"the server did not start: {line!r}")
+        url = line.split("open ")[1].split()[0]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("!document.getElementById('start').disabled")
+            page.fill("#prompt", args.prompt)
+            page.click("#start")
+            page.wait_for_function("lastFrame >= 0", timeout=60_000)
+            read = "[performance.now(), lastFrame, Number(document.getElementById('dropped').textContent)]"
+            t0, frame0, dropped0 = page.evaluate(read)
+            time.sleep(args.seconds)
+            t1, frame1, dropped1 = page.evaluate(read)
+            generate_fps = float(page.text_content("#gen-fps"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+    elapsed = (t1 - t0) / 1000
+    shown = frame1 - frame0 - (dropped1 - dropped0)
+    results = {
+        "serve_command": " ".join(command[1:]),
+        "browser": args.chromium,
+        "seconds": round(elapsed, 2),
+        "frames_shown": shown,
+        "frames_dropped": dropped1 - dropped0,
+        "page_fps": round(shown / elapsed, 2),
+        "generate_fps": generate_fps,
+        "note": args.note,
+    }
+    print(results)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    print("saved", save("bench_serve", torch.device(args.device), results, out_dir))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""`sfpp serve`: watch a stream live in the browser and steer it with prompts.
+
+One page (`GET /`) and one WebSocket per viewer (`GET /ws`). The page sends JSON commands
+
+    {"type": "start", "prompt": "...", "seed": 0}    start a stream (seed optional, default 0)
+    {"type": "prompt", "prompt": "..."}              switch the running stream's prompt
+    {"type": "stop"}                                 stop it
+
+and the server answers with JSON text messages (`ready`, `started`, `prompt`, `stats`, `stopped`, `error`) and one
+binary message per frame: the chunk index and the frame index (big-endian uint32 each), then the frame as a PNG.
+
+A generation thread per stream runs the pipeline off the event loop and puts each chunk's encoded frames into a
+queue of at most `QUEUE_CHUNKS` chunks; a sender drains it on the video's clock (the model's fps). A generator
+faster than real time blocks on the full queue; a viewer slower than real time gets frames skipped, so the server's
+memory stays bounded either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import html
+import json
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import av
+import torch
+from aiohttp import WSMsgType, web
+
+# Each stream owns its KV cache, so streams on one Pipeline no longer disturb each other; but each costs a cache
+# (about 6 GB for Wan2.1-1.3B at 832x480 in bf16) and their chunks take turns on the device, so by default one runs
+# at a time and other viewers are told the server is busy. Raise it where memory and speed allow.
+MAX_STREAMS = 1
+QUEUE_CHUNKS = 2  # chunks generated ahead of playback: bounds memory, and the prompt-switch latency
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_PROMPT_CHARS = 2000
+FRAME_HEADER = struct.Struct(">II")  # chunk index, frame index
+DEFAULT_PROMPT = "a big red circle moving fast and a small blue square moving slowly over a striped grey background"
+
+
+def _stream_length(pipe) -> dict:
+    """Length arguments of `pipe.stream`: none, a stream runs until its viewer stops it."""
+    return {}
+
+
+class _Stopped(Exception):
+    """The viewer stopped the stream or went away."""
+
+
+@dataclass
+class _Chunk:
+    index: int
+    first_frame: int
+    frames: list[bytes]  # PNG each
+    generate_fps: float  # frames per second of generation time so far (time blocked on the queue left out)
+
+
+@dataclass
+class _End:
+    reason: str  # "ended" or "error"
+    message: str = ""
+
+
+class StreamSession:
+    """One viewer's stream: a generation thread that fills `queue` with `_Chunk`s and then one `_End`.
+
+    `set_prompt` takes effect after the chunk being generated; `stop` ends the thread after it (or at once while it
+    waits on a full queue). `done` resolves when the thread has exited, i.e. no longer touches the pipeline."""
+
+    def __init__(self, pipe, length: dict, loop: asyncio.AbstractEventLoop) -> None:
+        self.pipe, self.length, self.loop = pipe, length, loop
+        self.queue: asyncio.Queue[_Chunk | _End] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._stop = threading.Event()
+        self._prompt_lock = threading.Lock()
+        self._next_prompt: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, prompt: str, seed: int) -> None:
+        self._thread = threading.Thread(target=self._run, args=(prompt, seed), name="sfpp-stream", daemon=True)
+        self._thread.start()
+
+    def set_prompt(self, prompt: str) -> None:
+        with self._prompt_lock:
+            self._next_prompt = prompt
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- the generation thread
+
+    def _take_prompt(self) -> str | None:
+        with self._prompt_lock:
+            prompt, self._next_prompt = self._next_prompt, None
+        return prompt
+
+    def _put(self, item: _Chunk | _End) -> None:
+        """Blocks while the queue is full; raises _Stopped when the stream is stopped meanwhile."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
+        except RuntimeError:  # the event loop is closed: the server is gone
+            raise _Stopped from None
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                if self._stop.is_set():
+                    future.cancel()
+                    raise _Stopped from None
+
+    def _generate(self, prompt: str, seed: int) -> None:
+        chunk_index = frame_index = 0
+        frames_done, busy_s = 0, 0.0
+        codec = None
+        stream = self.pipe.stream(prompt, **self.length, seed=seed, progress=False)
+        try:
+            start = time.perf_counter()
+            for frames in stream:  # uint8 [1, n, H, W, 3]
+                frames = frames[0].cpu().numpy()
+                if codec is None:
+                    codec = av.CodecContext.create("png", "w")
+                    codec.height, codec.width = frames.shape[1:3]
+                    codec.pix_fmt = "rgb24"
+                pngs = [bytes(codec.encode(av.VideoFrame.from_ndarray(f, format="rgb24"))[0]) for f in frames]
+                frames_done += len(pngs)
+                busy_s += time.perf_counter() - start
+                self._put(_Chunk(chunk_index, frame_index, pngs, frames_done / busy_s))
+                chunk_index, frame_index = chunk_index + 1, frame_index + len(pngs)
+                if self._stop.is_set():
+                    raise _Stopped
+                start = time.perf_counter()
+                new_prompt = self._take_prompt()
+                if new_prompt is not None:
+                    stream.set_prompt(new_prompt)  # from the next chunk on, the cached frames re-encoded (no cut)
+        finally:
+            stream.close()  # hands its KV cache back to the pipeline
+
+    def _run(self, prompt: str, seed: int) -> None:
+        try:
+            self._generate(prompt, seed)
+            self._put(_End("ended", "the stream reached its length limit"))
+        except _Stopped:
+            pass
+        except Exception as exc:  # reported to the viewer; a bug also leaves its traceback in the server's log
+            if not isinstance(exc, (ValueError, TypeError, torch.OutOfMemoryError)):
+                traceback.print_exc()
+            try:
+                self._put(_End("error", f"{type(exc).__name__}: {exc}"))
+            except _Stopped:
+                pass
+        finally:
+            try:
+                self.loop.call_soon_threadsafe(lambda: self.done.done() or self.done.set_result(None))
+            except RuntimeError:  # the event loop is already closed
+                pass
+
+
+async def play(session: StreamSession, ws, fps: float) -> None:
+    """Send the session's frames on the video's clock until it ends. Frames that come due while the viewer is still
+    receiving older ones are skipped (a newer frame is waiting), so a slow viewer drops frames and holds no memory."""
+    loop = asyncio.get_running_loop()
+    period = 1.0 / fps
+    due = None  # when the next frame should be shown
+    dropped = 0
+    while True:
+        starved = session.queue.empty()
+        item = await session.queue.get()
+        if isinstance(item, _End):
+            await ws.send_json({"type": "stopped", "reason": item.reason, "message": item.message})
+            return
+        if starved and (due is None or loop.time() > due):
+            due = loop.time()  # the generator fell behind (or this is the start): restart the clock
+        stats = {"type": "stats", "chunk": item.index, "generate_fps": item.generate_fps, "dropped": dropped}
+        await ws.send_json(stats)
+        for k, png in enumerate(item.frames):
+            newer_waiting = k + 1 < len(item.frames) or not session.queue.empty()
+            if loop.time() > due + period and newer_waiting:
+                dropped += 1
+                due += period
+                continue
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            await ws.send_bytes(FRAME_HEADER.pack(item.index, item.first_frame + k) + png)
+            due += period
+
+
+@dataclass(eq=False)
+class ServerState:
+    pipe: object  # a Pipeline
+    length: dict  # `pipe.stream`'s length arguments
+    streams: set[StreamSession] = field(default_factory=set)  # those whose generation thread is running
+    viewers: set[Viewer] = field(default_factory=set)
+
+
+STATE = web.AppKey("sfpp", ServerState)
+
+
+class BadCommand(ValueError):
+    pass
+
+
+def parse_command(text: str) -> dict:
+    """A viewer's JSON command, checked; BadCommand says what is wrong."""
+    example = '{"type": "start", "prompt": "...", "seed": 0}'
+    try:
+        command = json.loads(text)
+    except json.JSONDecodeError:
+        raise BadCommand(f"commands are JSON objects like {example}; got {text[:80]!r}") from None
+    kinds = ("start", "prompt", "stop")
+    if not isinstance(command, dict) or command.get("type") not in kinds:
+        raise BadCommand(f"a command is a JSON object whose type is one of {', '.join(kinds)}; got {text[:80]!r}")
+    if command["type"] in ("start", "prompt"):
+        prompt = command.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
+            got = f"{len(prompt)} characters" if isinstance(prompt, str) and prompt.strip() else repr(prompt)[:80]
+            raise BadCommand(f"prompt must be a non-empty string of at most {MAX_PROMPT_CHARS} characters; got {got}")
+    if command["type"] == "start":
+        seed = command.setdefault("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise BadCommand(f"seed must be an integer in [0, 2**63); got {seed!r}")
+    return command
+
+
+class Viewer:
+    """One WebSocket connection: at most one stream at a time."""
+
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:
+        self.app, self.ws = app, ws
+        self.session: StreamSession | None = None
+        self.player: asyncio.Task | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.player is not None and not self.player.done()
+
+    async def error(self, message: str) -> None:
+        await self.ws.send_json({"type": "error", "message": message})
+
+    async def handle(self, text: str) -> None:
+        try:
+            command = parse_command(text)
+        except BadCommand as exc:
+            return await self.error(str(exc))
+        kind = command["type"]
+        if kind == "start":
+            await self.start(command["prompt"], command["seed"])
+        elif kind == "prompt":
+            if not self.streaming:
+                return await self.error("no stream is running: start one first")
+            self.session.set_prompt(command["prompt"])
+            await self.ws.send_json({"type": "prompt", "prompt": command["prompt"]})
+        elif not self.streaming:
+            await self.error("no stream is running")
+        else:
+            await self.stop()
+            await self.ws.send_json({"type": "stopped", "reason": "stopped", "message": ""})
+
+    async def start(self, prompt: str, seed: int) -> None:
+        if self.streaming:
+            return await self.error("a stream is already running: switch its prompt, or stop it first")
+        if self.session is not None:
+            await self.session.done  # the last stream's thread is on its way out
+        streams: set[StreamSession] = self.app[STATE].streams
+        if len(streams) >= MAX_STREAMS:
+            return await self.error(
+                f"busy: {len(streams)} stream(s) running, the most this server runs at once; try again later"
+            )
+        pipe = self.app[STATE].pipe
+        session = StreamSession(pipe, self.app[STATE].length, asyncio.get_running_loop())
+        streams.add(session)
+        session.done.add_done_callback(lambda _: streams.discard(session))
+        session.start(prompt, seed)
+        self.session = session
+        await self.ws.send_json({"type": "started", "prompt": prompt, "seed": seed})
+        self.player = asyncio.create_task(self._play(session))
+
+    async def _play(self, session: StreamSession) -> None:
+        try:
+            await play(session, self.ws, self.app[STATE].pipe.fps)
+        except ConnectionError:  # the viewer went away mid-send; the handler's `finally` stops the stream
+            pass
+        finally:
+            session.stop()
+
+    async def stop(self) -> None:
+        """Stop the stream and wait until its thread has left the pipeline."""
+        if self.session is None:
+            return
+        self.session.stop()
+        if self.player is not None:
+            self.player.cancel()
+            await asyncio.gather(self.player, return_exceptions=True)
+        await self.session.done
+
+
+async def _index(request: web.Request) -> web.Response:
+    return web.Response(text=PAGE, content_type="text/html")
+
+
+async def _websocket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, heartbeat=30)
+    await ws.prepare(request)
+    state = request.app[STATE]
+    viewer = Viewer(request.app, ws)
+    state.viewers.add(viewer)
+    pipe = state.pipe
+    s = pipe.settings
+    await ws.send_json(
+        {"type": "ready", "fps": pipe.fps, "width": s.width, "height": s.height, "random_weights": pipe.random_weights}
+    )
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await viewer.handle(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await viewer.error("commands are JSON text messages, not binary ones")
+    finally:
+        await viewer.stop()
+        state.viewers.discard(viewer)
+    return ws
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    # Every generation thread is waited for here: handlers still running are cancelled after this hook, and a thread
+    # must not outlive the event loop it reports to.
+    viewers, streams = list(app[STATE].viewers), list(app[STATE].streams)
+    await asyncio.gather(*(v.stop() for v in viewers), return_exceptions=True)
+    for session in streams:
+        session.stop()
+    await asyncio.gather(*(session.done for session in streams), return_exceptions=True)
+    await asyncio.gather(
+        *(v.ws.close(code=1001, message=b"server shutting down") for v in viewers), return_exceptions=True
+    )
+
+
+def make_app(pipe) -> web.Application:
+    """The web application serving `pipe` (loaded once, shared by every viewer)."""
+    app = web.Application()
+    app[STATE] = ServerState(pipe, _stream_length(pipe))
+    app.router.add_get("/", _index)
+    app.router.add_get("/ws", _websocket)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+async def serve(pipe, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, then stop every stream and close every connection."""
+    runner = web.AppRunner(make_app(pipe), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        print(f"sfpp serve: open http://{url_host}:{bound_port}/ in a browser (Ctrl-C stops)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C interrupts a slow shutdown
+            loop.remove_signal_handler(sig)
+        print("sfpp serve: stopping", flush=True)
+    finally:
+        await runner.cleanup()
+
+
+# --- command line (`sfpp serve`, wired in sfpp/cli.py)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be an integer in 0..65535 (0 picks a free one), got {text!r}")
+    return port
+
+
+def add_parser(sub) -> None:
+    from sfpp.cli import add_decoder_options  # sfpp.cli imports this module: import at call time
+    from sfpp.model import CONFIGS
+    from sfpp.pipeline import DTYPES
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a page that plays a stream live as it is generated and switches prompts on the fly",
+        description="Load a pipeline once and serve a web page that streams its video live, with prompt switching.",
+        epilog="example: sfpp serve   (then open http://127.0.0.1:8000/)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", help="model directory (default: the shipped model)")
+    model.add_argument("--config", choices=sorted(CONFIGS), help="use RANDOM weights of a named config (for testing)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="DiT precision (default: bfloat16 on CUDA, else float32)")
+    add_decoder_options(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sfpp.cli import _load, check_device
+
+    pipe, random_why = _load(args, check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if random_why:
+        print(f"sfpp: warning: {random_why}: the video is noise.", file=sys.stderr)
+    try:
+        asyncio.run(serve(pipe, args.host, args.port))
+    except OSError as exc:
+        print(f"sfpp: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>sfpp live</title>
+<style>
+  body { font: 15px system-ui, sans-serif; margin: 24px; background: #15171a; color: #e8e8e8; }
+  input, button { font: inherit; padding: 4px 8px; }
+  #prompt { width: min(720px, 90vw); }
+  #seed { width: 6em; }
+  #video { display: block; margin: 16px 0; background: #000; image-rendering: pixelated; }
+  #status.error { color: #ff8a80; }
+  .stats span { font-variant-numeric: tabular-nums; }
+</style>
+</head>
+<body>
+<h1>sfpp live</h1>
+<form id="controls">
+  <input id="prompt" type="text" aria-label="prompt" value="__PROMPT__">
+  <input id="seed" type="number" aria-label="seed" min="0" step="1" value="0">
+  <button id="start" type="submit" disabled>Start</button>
+  <button id="switch" type="button" disabled>Switch prompt</button>
+  <button id="stop" type="button" disabled>Stop</button>
+</form>
+<canvas id="video" width="1" height="1"></canvas>
+<div class="stats">chunk <span id="chunk">-</span> &middot; playing at <span id="fps">-</span> fps &middot;
+  generating at <span id="gen-fps">-</span> fps &middot; <span id="dropped">0</span> frames dropped</div>
+<p id="status">connecting...</p>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const canvas = $("video"), context = canvas.getContext("2d");
+let ws, lastFrame = -1, shownAt = [];
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text; $("status").className = isError ? "error" : "";
+}
+function setStreaming(on) { $("start").disabled = on; $("switch").disabled = !on; $("stop").disabled = !on; }
+function send(command) { ws.send(JSON.stringify(command)); }
+function prompt() { return $("prompt").value; }
+
+$("controls").addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (!$("start").disabled) send({type: "start", prompt: prompt(), seed: Number($("seed").value)});
+  else if (!$("switch").disabled) send({type: "prompt", prompt: prompt()});
+});
+$("switch").addEventListener("click", () => send({type: "prompt", prompt: prompt()}));
+$("stop").addEventListener("click", () => send({type: "stop"}));
+
+function onMessage(m) {
+  if (m.type === "ready") {
+    canvas.width = m.width; canvas.height = m.height;
+    const scale = Math.max(1, Math.floor(512 / m.width));  // whole multiples keep pixels crisp
+    canvas.style.width = m.width * scale + "px"; canvas.style.height = m.height * scale + "px";
+    $("start").disabled = false;
+    setStatus(`ready: ${m.width}x${m.height} at ${m.fps} fps` + (m.random_weights ? " (RANDOM weights: noise)" : ""));
+  } else if (m.type === "started") {
+    lastFrame = -1; shownAt = [];
+    setStreaming(true); setStatus(`streaming: ${m.prompt}`);
+  } else if (m.type === "prompt") {
+    setStatus(`switching to: ${m.prompt}`);
+  } else if (m.type === "stats") {
+    $("gen-fps").textContent = m.generate_fps.toFixed(1); $("dropped").textContent = m.dropped;
+  } else if (m.type === "stopped") {
+    setStreaming(false);
+    setStatus(m.reason === "stopped" ? "stopped" : `${m.reason}: ${m.message}`, m.reason === "error");
+  } else if (m.type === "error") {
+    setStatus(m.message, true);
+  }
+}
+
+async function onFrame(data) {
+  const header = new DataView(data), chunk = header.getUint32(0), frame = header.getUint32(4);
+  const bitmap = await createImageBitmap(new Blob([data.slice(8)], {type: "image/png"}));
+  if (frame <= lastFrame) return;  // decoded after a newer frame
+  lastFrame = frame;
+  context.drawImage(bitmap, 0, 0);
+  $("chunk").textContent = chunk;
+  const now = performance.now();
+  shownAt.push(now);
+  while (now - shownAt[0] > 2000) shownAt.shift();
+  if (shownAt.length > 1) $("fps").textContent = ((shownAt.length - 1) * 1000 / (now - shownAt[0])).toFixed(1);
+}
+
+ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+ws.binaryType = "arraybuffer";
+ws.onmessage = (event) => typeof event.data === "string" ? onMessage(JSON.parse(event.data)) : onFrame(event.data);
+ws.onclose = (event) => {
+  setStreaming(false); $("start").disabled = true;
+  setStatus(`disconnected (${event.code}${event.reason ? ": " + event.reason : ""}): reload to reconnect`, true);
+};
+</script>
+</body>
+</html>
+""".replace("__PROMPT__", html.escape(DEFAULT_PROMPT))
