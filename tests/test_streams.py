@@ -151,7 +151,8 @@ def test_rotating_window_keys_moves_their_positions(cfg, kv_dtype):
     frames = torch.arange(500, 506)
     frames[:2] = torch.tensor([0, 1])
     for layer in range(cfg.num_layers):
-        cache.write(layer, cache.plan_frames(frames), apply_rope(raw, *model.rope(frames, 2, 3)), raw)
+        plan = cache.plan_frames(frames, torch.tensor(506), 506)
+        cache.write(layer, plan, apply_rope(raw, *model.rope(frames, 2, 3)), raw)
     before = cache.k.clone()
     cache.rotate_window_keys(-450)
     moved = frames.clone()
