@@ -502,7 +502,7 @@ class Pipeline:
         decoder's encoder and resized to the output's size (see `prepare_video`); the output starts with them when
         `include_video`. Lengths and schedule times count generated frames only."""
         if prompt is None and not schedule:
-            raise ValueError("give a prompt (or a schedule whose first entry is at 0 seconds)")
+            raise TypeError("prompt must be a string or a list of strings (or a schedule from 0 s), got None")
         switches = self._schedule(schedule, prompt is None)
         if prompt is None:
             prompt = switches.pop(0)[1]

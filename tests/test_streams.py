@@ -282,7 +282,7 @@ def test_schedule_equals_set_prompt(pipe):
         ("a", [(True, "b")], ValueError, "finite seconds"),
         ("a", [(0.0, "b")], ValueError, "after 0 s"),
         (None, [(1.0, "b")], ValueError, "start at 0 s"),
-        (None, None, ValueError, "give a prompt"),
+        (None, None, TypeError, "prompt must be a string"),
         ("a", [("1s", "b")], ValueError, "finite seconds"),
         ("a", [(1.0,)], TypeError, "pairs"),
         ("a", "b at 1s", TypeError, "pairs"),
