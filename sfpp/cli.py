@@ -25,7 +25,7 @@ from sfpp.pipeline import (
     device_defaults,
 )
 from sfpp.taehv import TAEHVDecoder
-from sfpp.video import check_output_path, export_to_video
+from sfpp.video import check_output_path, export_to_video, read_video
 
 DEFAULT_MODEL_DIR = SHIPPED_MODELS["default"]
 DEFAULT_SECONDS = 5.0
@@ -120,6 +120,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--sink", type=int, help="latent frames kept as attention sinks (default: the model's)")
     add_decoder_options(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    steer = gen.add_argument_group("steering and continuing")
+    steer.add_argument(
+        "--then",
+        nargs=2,
+        action="append",
+        metavar=("TIME", "PROMPT"),
+        help='switch to PROMPT at TIME seconds of generated video (10s or 10), repeatable: --then 10s "..." --then 20s '
+        '"..."; the cached frames are re-encoded under the new prompt (KV re-cache)',
+    )
+    steer.add_argument("--no-recache", action="store_true", help="on a switch, change only the text (no KV re-cache)")
+    steer.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="PATH",
+        help="continue a video (mp4, ...) or start from an image (png, jpg): its frames are resized to the output "
+        "size and come first in the output; --seconds counts the new frames",
+    )
+    steer.add_argument("--without-input", action="store_true", help="with --from: write only the new frames")
     bench = sub.add_parser(
         "bench",
         help="benchmark streaming FPS, latency and memory against Self-Forcing's inference path",
@@ -196,6 +214,14 @@ def _why_random(args: argparse.Namespace) -> str:
     return f"no trained model is installed (nothing at {DEFAULT_MODEL_DIR}), so this uses RANDOM weights"
 
 
+def _seconds(text: str) -> float:
+    """'10s' or '10' -> 10.0, for --then."""
+    try:
+        return float(text[:-1] if text.endswith("s") else text)
+    except ValueError:
+        raise ValueError(f"--then TIME must be seconds such as 10s or 2.5, got {text!r}") from None
+
+
 def generate(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
@@ -222,6 +248,8 @@ def _generate(args: argparse.Namespace, device: torch.device) -> int:
     overrides = {k: getattr(args, k) for k in ("window", "sink") if getattr(args, k) is not None}
     if overrides:
         pipe.settings = StreamSettings(**{**pipe.settings.__dict__, **overrides})
+    schedule = [(_seconds(when), prompt) for when, prompt in args.then] if args.then else None
+    video = read_video(args.from_path) if args.from_path else None
     start = time.perf_counter()
     frames = []
     for chunk in pipe.stream(
@@ -232,6 +260,10 @@ def _generate(args: argparse.Namespace, device: torch.device) -> int:
         width=args.width,
         seed=args.seed,
         progress=not args.quiet,
+        schedule=schedule,
+        recache=not args.no_recache,
+        video=video,
+        include_video=not args.without_input,
     ):
         frames.append(chunk[0])
     video = torch.cat(frames)

@@ -12,19 +12,19 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sfpp.cache import RingKVCache
 from sfpp.checkpoint import CheckpointError, load_file, load_weights
 from sfpp.graph import ChunkRunner
 from sfpp.model import WanConfig, WanModel, get_config
 from sfpp.sampler import FlowMatchSchedule, nvtx_range
+from sfpp.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for
 from sfpp.taehv import TAEHVDecoder
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.umt5 import UMT5TextEncoder
@@ -188,10 +188,7 @@ class Pipeline:
             )
         self.runner_options = {"cuda_graph": cuda_graph, "compile": compile, "compile_options": compile_options}
         self.kv_dtype = kv_dtype
-        self._cache: RingKVCache | None = None
-        self._cache_key: tuple | None = None
-        self._runner: ChunkRunner | None = None
-        self._runner_key: tuple | None = None
+        self._states = StatePool()  # caches and runners of finished streams, for the next stream of their shape
 
     @property
     def device(self) -> torch.device:
@@ -409,22 +406,18 @@ class Pipeline:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         latent_frames = num_latent_frames(num_frames, self.decoder.temporal_factor)
         num_chunks = math.ceil(latent_frames / s.frames_per_chunk)
-        limit = self.transformer.cfg.rope_max_positions
-        if num_chunks * s.frames_per_chunk > limit:
-            max_frames = 1 + (limit // s.frames_per_chunk * s.frames_per_chunk - 1) * self.decoder.temporal_factor
-            raise ValueError(
-                f"{num_frames} frames need {num_chunks * s.frames_per_chunk} latent frames, past the RoPE limit of "
-                f"{limit} latent frames: at most {max_frames} frames ({max_frames / s.fps:.0f} s at {s.fps} fps)"
-            )
         return num_frames, num_chunks, height // self.decoder.spatial_factor, width // self.decoder.spatial_factor
 
-    def _cache_for(self, batch_size: int, frame_tokens: int) -> RingKVCache:
-        """The KV cache, reset for a new video; reallocated only when its shape, device or dtype changes."""
+    def _take_state(self, batch_size: int, frame_tokens: int) -> StreamState:
+        """A KV cache and chunk runner for a new stream: a finished stream's of the same shape (a captured CUDA graph
+        is reused with it), else new ones. Never one that a live stream holds."""
         model, s = self.transformer, self.settings
-        key = (batch_size, frame_tokens, s.window, s.sink, model.dtype, self.kv_dtype, self.device)
-        if self._cache_key != key:
+        options = tuple(sorted((k, repr(v)) for k, v in self.runner_options.items()))
+        key = (batch_size, frame_tokens, s, model.dtype, self.kv_dtype, self.device, self.schedule, options)
+        state = self._states.take(key)
+        if state is None:
             kv = {} if self.kv_dtype is None else {"kv_dtype": self.kv_dtype}
-            self._cache = RingKVCache(
+            cache = RingKVCache(
                 model.cfg,
                 batch_size=batch_size,
                 frame_tokens=frame_tokens,
@@ -434,17 +427,11 @@ class Pipeline:
                 device=self.device,
                 **kv,
             )
-            self._cache_key = key
-        self._cache.reset()
-        return self._cache
+            state = StreamState(key, cache, ChunkRunner(model, cache, self.schedule, **self.runner_options))
+        return state
 
-    def _runner_for(self, cache: RingKVCache, shape: tuple[int, ...]) -> ChunkRunner:
-        """The chunk runner of this cache and chunk shape (a captured CUDA graph is reused across videos)."""
-        key = (id(cache), shape, self.schedule)
-        if self._runner_key != key:
-            self._runner = ChunkRunner(self.transformer, cache, self.schedule, **self.runner_options)
-            self._runner_key = key
-        return self._runner
+    def _give_state(self, state: StreamState) -> None:
+        self._states.give(state)
 
     def memory_estimate(self, batch_size: int, height: int, width: int) -> dict[str, int]:
         """Rough device bytes one generation needs: DiT weights, KV cache, peak activations of a chunk."""
@@ -490,7 +477,7 @@ class Pipeline:
     @torch.no_grad()
     def stream(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         *,
         num_frames: int | None = None,
         seconds: float | None = None,
@@ -498,43 +485,81 @@ class Pipeline:
         width: int | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        schedule: list[tuple[float, str | list[str]]] | None = None,
+        recache: bool = True,
+        video: Tensor | np.ndarray | None = None,
+        include_video: bool = True,
         progress: bool = True,
         return_latents: bool = False,
-    ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-        """Yield the decoded frames of each chunk, uint8 [B, n, H, W, 3], as soon as it is denoised."""
+    ) -> VideoStream:
+        """A stream yielding the decoded frames of each chunk, uint8 [B, n, H, W, 3], as soon as it is denoised.
+
+        Without `num_frames` or `seconds` the stream is endless (positions re-base past the RoPE table). It owns its
+        state, so several streams of one pipeline may run interleaved. `schedule`: prompt switches as
+        [(seconds, prompt), ...] (with `prompt` omitted, the first entry is at 0 s); `handle.set_prompt(...)` switches
+        at the next chunk. `recache`: on a switch, recompute the cached frames' K/V under the new prompt (else only
+        the text K/V change). `video`: frames [T, H, W, 3] (an image: [H, W, 3]) to continue from, encoded by the
+        decoder's encoder and resized to the output's size (see `prepare_video`); the output starts with them when
+        `include_video`. Lengths and schedule times count generated frames only."""
+        if prompt is None and not schedule:
+            raise TypeError("prompt must be a string or a list of strings (or a schedule from 0 s), got None")
+        switches = self._schedule(schedule, prompt is None)
+        if prompt is None:
+            prompt = switches.pop(0)[1]
         prompts = _validate_prompt(prompt)
-        num_frames, num_chunks, h, w = self._plan(num_frames, seconds, height, width)
+        switches = [(frame, prompts_for(p, len(prompts), "a schedule's prompt")) for frame, p in switches]
+        if num_frames is None and seconds is None:  # endless: only the size to check
+            _, _, h, w = self._plan(1, None, height, width)
+        else:
+            num_frames, _, h, w = self._plan(num_frames, seconds, height, width)
         _validate_noise(generator, seed)
         if generator is None:
             generator = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
-        model, s = self.transformer, self.settings
-        frame_tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
-        shape = (len(prompts), model.cfg.in_channels, s.frames_per_chunk, h, w)
-        pixels = (len(prompts), h * self.decoder.spatial_factor, w * self.decoder.spatial_factor)
-        try:
-            cache = self._cache_for(len(prompts), frame_tokens)
-            cache.set_text(model.text_kv(self.encode_prompt(prompts)))  # once per prompt, reused by every step
-            runner = self._runner_for(cache, shape)
-        except torch.OutOfMemoryError as exc:
-            raise self._oom_error(exc, *pixels) from exc
-        decoder = self.decoder.stream()
-        remaining = num_frames
-        bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="sfpp")
-        for _ in range(num_chunks):
-            try:
-                # The chunk's noise, drawn in the eager sampler's order: the same video in every runner mode.
-                latents = runner(runner.draw_noise(shape, generator, self.device))
-                with nvtx_range("decode"):
-                    frames = decoder.decode(latents)[:, :remaining]
-            except torch.OutOfMemoryError as exc:
-                raise self._oom_error(exc, *pixels) from exc
-            remaining -= frames.shape[1]
-            bar.update(frames.shape[1])
-            yield (frames, latents) if return_latents else frames
-        bar.close()
+        if video is not None:
+            if not hasattr(self.decoder, "encode_frames"):
+                raise ValueError(
+                    f"continuing from given frames needs an encoder, and this pipeline's decoder "
+                    f"({type(self.decoder).__name__}) has none: use a model with the Wan VAE or the toy codec"
+                )
+            sf = self.decoder.spatial_factor
+            video = prepare_video(video, h * sf, w * sf, self.decoder.temporal_factor, len(prompts))
+        return VideoStream(
+            self,
+            prompts,
+            num_frames=num_frames,
+            latent_size=(h, w),
+            generator=generator,
+            switches=switches,
+            recache=recache,
+            video=video,
+            include_video=include_video,
+            progress=progress,
+            return_latents=return_latents,
+        )
 
-    def __call__(self, prompt: str | list[str], **kwargs) -> PipelineOutput:
-        """Generate whole videos: the frames of `stream(...)` concatenated. Same arguments as `stream`."""
+    def _schedule(self, schedule, starts_at_zero: bool) -> list[tuple[int, str | list[str]]]:
+        """[(seconds, prompt), ...] -> [(first generated video frame of the prompt, prompt), ...]."""
+        if schedule is None:
+            return []
+        entries = list(schedule) if isinstance(schedule, (list, tuple)) else None
+        if not entries or not all(isinstance(e, (list, tuple)) and len(e) == 2 for e in entries):
+            raise TypeError(f"schedule must be a non-empty list of (seconds, prompt) pairs, got {schedule!r}")
+        times = [e[0] for e in entries]
+        for t in times:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+                raise ValueError(f"schedule times must be finite seconds >= 0, got {t!r}")
+        if any(a >= b for a, b in zip(times, times[1:], strict=False)):
+            raise ValueError(f"schedule times must be strictly increasing, got {times}")
+        if starts_at_zero != (times[0] == 0):
+            rule = "start at 0 s when no prompt is given" if starts_at_zero else "be after 0 s (the prompt starts)"
+            raise ValueError(f"schedule times must {rule}, got {times}")
+        return [(math.ceil(t * self.settings.fps - 1e-9), p) for t, p in entries]
+
+    def __call__(self, prompt: str | list[str] | None = None, **kwargs) -> PipelineOutput:
+        """Generate whole videos: the frames of `stream(...)` concatenated. Same arguments as `stream`; a length
+        (`num_frames=` or `seconds=`) is required."""
+        if kwargs.get("num_frames") is None and kwargs.get("seconds") is None:
+            raise ValueError("give exactly one of num_frames= or seconds= (only stream() runs without an end)")
         chunks = list(self.stream(prompt, return_latents=True, **kwargs))
         return PipelineOutput(frames=torch.cat([f for f, _ in chunks], 1), latents=torch.cat([z for _, z in chunks], 2))
 

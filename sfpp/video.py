@@ -143,3 +143,23 @@ def export_to_video(frames: Tensor | np.ndarray | list, path: str | Path, fps: f
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Frames uint8 [T, H, W, 3] of a video or an image file (what FFmpeg reads, through PyAV): the input of
+    `Pipeline.stream(..., video=...)`."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such video or image file: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except av.FFmpegError as exc:
+        raise ValueError(f"cannot read frames from {path}: {exc}") from exc
+    if not frames:
+        raise ValueError(f"{path} holds no frames")
+    return np.stack(frames)
