@@ -3,6 +3,7 @@ cmake and pybind11 are present and skipped with a message otherwise; SFPP_BUILD_
 loudly), SFPP_BUILD_CUDA=0 skips it. SFPP_CUDA_ARCHS picks the architectures (default "80;90a")."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+# The version is written once, in sfpp/__init__.py (`sfpp --version` prints it).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "sfpp" / "__init__.py").read_text(), re.M).group(1)
 
 
 def _why_no_cuda_build() -> str | None:
@@ -56,7 +59,7 @@ class CMakeBuild(build_ext):
 
 setup(
     name="sfpp",
-    version="0.1.0",
+    version=VERSION,
     description="Streaming autoregressive video diffusion: Self-Forcing++ on a Wan2.1 DiT",
     python_requires=">=3.10",
     packages=find_packages(include=["sfpp", "sfpp.*", "kernels", "kernels.*", "train", "train.*", "bench", "bench.*"]),

@@ -9,4 +9,4 @@ if __name__ == "__main__":
     if argv and argv[0] == "chunk_step":
         chunk_step.main(argv[1:])
     else:
-        e2e.main(argv[1:] if argv and argv[0] == "e2e" else argv)
+        sys.exit(e2e.main(argv[1:] if argv and argv[0] == "e2e" else argv))

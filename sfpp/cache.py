@@ -7,6 +7,13 @@ updated in place (no `.item()`), so a chunk step can be captured in a CUDA graph
 
 Slots fill in order, so the frames a chunk attends over are always the first min(frames so far, sink + window)
 slots: attention reads a prefix of the buffer, never a mask (`ChunkPlan.valid_rows`).
+
+Past the RoPE table (`rope_max_positions` latent frames) the stream goes on by re-basing positions: RoPE attention
+depends only on the offset between a query and a key, so `make_room` rotates the window's cached keys back by the
+same amount the next chunks' positions move back (R(p - d) = R(-d) R(p), one in-place pass over the window's keys
+every ~1000 frames), and every offset inside the window stays exactly what it was. Sink frames keep their positions,
+so after a re-base they sit right before the window again, as in the first chunks; the offset from a chunk to the
+sinks therefore cycles through the range the model sees before the limit instead of growing without bound.
 """
 
 from __future__ import annotations
@@ -18,14 +25,14 @@ from torch import Tensor, nn
 
 from sfpp.fp8 import dequantize_fp8, quantize_fp8
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model imports the ops, which import the cache: no runtime import of the model here
     from sfpp.model import WanConfig
 
 __all__ = ["ChunkPlan", "LayerKV", "RingKVCache", "dequantize_fp8", "quantize_fp8"]
 
 
 class ChunkPlan(NamedTuple):
-    frame_pos: Tensor  # [Fc] absolute frame positions of the chunk
+    frame_pos: Tensor  # [Fc] RoPE positions of the chunk's frames (their frame index until a re-base)
     token_index: Tensor  # [Fc*T] cache rows the chunk writes
     valid_rows: Tensor  # 0-dim long on the device: rows [0, valid_rows) hold the keys the chunk attends over
     valid_rows_host: int  # the same number on the host (static shapes: one CUDA graph per fill level)
@@ -89,7 +96,10 @@ class RingKVCache(nn.Module):
         self.register_buffer("slot_frame", torch.full((slots,), -1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("chunk_start", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer("_tokens", torch.arange(frame_tokens, device=device), persistent=False)
+        # RoPE position of window frame f = f - rope_shift (sinks: f); raised by `make_room` past the RoPE table.
+        self.register_buffer("rope_shift", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.frames_done = 0  # host mirror of chunk_start, for argument checks only (never read from the device)
+        self.shift_done = 0  # host mirror of rope_shift
         self.has_text = False
 
     @property
@@ -111,7 +121,8 @@ class RingKVCache(nn.Module):
         """Forget all frames and the text (a new video or a new prompt)."""
         self.slot_frame.fill_(-1)
         self.chunk_start.zero_()
-        self.frames_done = 0
+        self.rope_shift.zero_()
+        self.frames_done = self.shift_done = 0
         self.has_text = False
 
     def set_text(self, text_kv: list[tuple[Tensor, Tensor]]) -> None:
@@ -130,6 +141,22 @@ class RingKVCache(nn.Module):
     def slot_of(self, frame: Tensor) -> Tensor:
         return torch.where(frame < self.sink, frame, self.sink + (frame - self.sink) % self.window)
 
+    def rope_position(self, frame: Tensor) -> Tensor:
+        """RoPE positions of absolute frame indices [F]: a sink keeps its index, a window frame moves back by the
+        re-bases done so far (none before the RoPE table runs out)."""
+        return torch.where(frame < self.sink, frame, frame - self.rope_shift)
+
+    def plan_frames(self, frame: Tensor, end: Tensor, end_host: int) -> ChunkPlan:
+        """Slots of the absolute frames `frame` [F] (a device tensor); marks them as holding these frames. `end`
+        (and `end_host`, the same on the host): the frame count once they are written; slots fill in order, so the
+        first min(end, sink + window) slots then hold every frame written."""
+        slots = self.slot_of(frame)
+        self.slot_frame.index_copy_(0, slots, frame)
+        token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
+        slots_held = end.clamp(max=self.sink + self.window), min(end_host, self.sink + self.window)
+        rows, rows_host = (n * self.frame_tokens for n in slots_held)
+        return ChunkPlan(self.rope_position(frame), token_index, rows, rows_host)
+
     def plan(self, batch_size: int, num_frames: int, frame_tokens: int) -> ChunkPlan:
         """Slots of the chunk starting at `chunk_start`; marks them as holding its frames. Slots fill in order, so
         with the chunk the first min(frames_done + num_frames, sink + window) slots hold every frame it sees."""
@@ -140,20 +167,60 @@ class RingKVCache(nn.Module):
             )
         if num_frames > self.window:
             raise ValueError(f"a chunk of {num_frames} frames does not fit the window of {self.window} frames")
-        limit = self.cfg.rope_max_positions
-        if self.frames_done + num_frames > limit:
+        limit, position = self.cfg.rope_max_positions, self.frames_done - self.shift_done
+        if position + num_frames > limit:
             raise ValueError(
-                f"frames {self.frames_done}..{self.frames_done + num_frames - 1} go past the RoPE table of {limit} "
-                f"latent frames: the model cannot place frames beyond position {limit - 1}"
+                f"frames at RoPE positions {position}..{position + num_frames - 1} go past the RoPE table of {limit} "
+                f"latent frames: call cache.make_room({num_frames}) before the chunk to re-base the positions"
             )
-        frame_pos = self.chunk_start + torch.arange(num_frames, device=self.chunk_start.device)
-        slots = self.slot_of(frame_pos)
-        self.slot_frame.index_copy_(0, slots, frame_pos)
-        token_index = (slots[:, None] * self.frame_tokens + self._tokens[None, :]).flatten()
-        num_slots = self.sink + self.window
-        valid_rows = (self.chunk_start + num_frames).clamp(max=num_slots) * self.frame_tokens
-        valid_rows_host = min(self.frames_done + num_frames, num_slots) * self.frame_tokens
-        return ChunkPlan(frame_pos, token_index, valid_rows, valid_rows_host)
+        frame = self.chunk_start + torch.arange(num_frames, device=self.chunk_start.device)
+        return self.plan_frames(frame, self.chunk_start + num_frames, self.frames_done + num_frames)
+
+    def make_room(self, num_frames: int) -> None:
+        """Before a chunk of `num_frames`: if its RoPE positions would run past the table, re-base the window.
+
+        The next chunk moves back to position sink + window - num_frames (where it sits once the window first fills)
+        and the window's cached keys are rotated back by the same amount, in place: offsets between window frames
+        are unchanged, the ring is not copied, and positions move by device tensors. Host-side decision only (the
+        frame counters are host mirrors): call it outside a captured graph, before replaying the chunk."""
+        limit, position = self.cfg.rope_max_positions, self.frames_done - self.shift_done
+        if position + num_frames <= limit:
+            return
+        target = self.sink + self.window - num_frames
+        if target + num_frames > limit:
+            raise ValueError(
+                f"a cache of {self.sink} sink + {self.window} window frames does not fit the RoPE table of {limit} "
+                f"latent frames: no room to re-base positions"
+            )
+        self.rotate_window_keys(target - position)
+        self.rope_shift.add_(position - target)
+        self.shift_done += position - target
+
+    @torch.no_grad()
+    def rotate_window_keys(self, shift: int) -> None:
+        """Move every cached window key (not the sinks) by `shift` temporal RoPE positions, in place, layer by layer.
+        An fp8 cache is dequantized, rotated and quantized again row by row."""
+        t_dims = self.cfg.rope_split[0]
+        from sfpp.model import apply_rope, temporal_rotation  # once per re-base (rare), not per chunk: see above
+
+        cos, sin = (x.to(self.k.device) for x in temporal_rotation(self.cfg, shift))
+        rows = slice(self.sink * self.frame_tokens, None)
+        for layer in range(self.cfg.num_layers):
+            k = self.k[layer, :, rows]  # [B, W*T, H, D]
+            if not self.fp8:
+                k[..., :t_dims] = apply_rope(k[..., :t_dims], cos, sin)
+                continue
+            scale = self.k_scale[layer, :, rows]
+            x = dequantize_fp8(k, scale)
+            x[..., :t_dims] = apply_rope(x[..., :t_dims], cos, sin)
+            x8, new_scale = quantize_fp8(x)
+            k.view(torch.uint8).copy_(x8.view(torch.uint8))
+            scale.copy_(new_scale)
+
+    def seek(self, frame: int) -> None:
+        """Start the next chunk at absolute frame `frame` (after frames written by `WanModel.forward_context`)."""
+        self.chunk_start.fill_(frame)
+        self.frames_done = frame
 
     def write(self, layer: int, plan: ChunkPlan, k: Tensor, v: Tensor) -> LayerKV:
         """Write one layer's chunk K/V [B, Fc*T, H, D] into its ring slots, in place; return the layer's K/V to attend

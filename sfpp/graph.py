@@ -69,15 +69,6 @@ class ChunkRunner:
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
             return denoise_chunk(self._forward, self.cache, noises, self.schedule)
 
-    def _check_room(self, frames: int) -> None:
-        # The cache checks this while planning a chunk; a replayed graph plans on the device only, so check here.
-        limit = self.cache.cfg.rope_max_positions
-        if self.cache.frames_done + frames > limit:
-            raise ValueError(
-                f"frames {self.cache.frames_done}..{self.cache.frames_done + frames - 1} go past the RoPE table of "
-                f"{limit} latent frames: the model cannot place frames beyond position {limit - 1}"
-            )
-
     def _fill_level(self, frames: int) -> int:
         """Slots of the ring that hold frames once this chunk is planned: what the captured shapes depend on."""
         return min(self.cache.frames_done + frames, self.cache.sink + self.cache.window)
@@ -86,7 +77,7 @@ class ChunkRunner:
     def __call__(self, noises: Tensor) -> Tensor:
         """noises [num_noises, B, C, Fc, h, w] -> the chunk's x0 [B, C, Fc, h, w] (fp32); advances the cache."""
         frames = noises.shape[3]
-        self._check_room(frames)
+        self.cache.make_room(frames)  # re-base RoPE positions past the table: eager, between replays
         with nvtx_range("chunk"):
             if not self.use_graph:
                 x0 = self._call(noises)

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sfpp import ops
 from sfpp.attention import block_causal_mask, cache_and_chunk_attention, ring_attention_ref
+from sfpp.fp8 import dequantize_fp8, quantize_fp8
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,25 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
+def rope_frequencies(cfg: WanConfig) -> list[Tensor]:
+    """Angular frequencies (fp64, CPU) of the t, h and w axes: rope_split[a] / 2 of them each."""
+    return [
+        1.0 / cfg.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
+        for axis_dim in cfg.rope_split
+    ]
+
+
 def rope_table(cfg: WanConfig) -> tuple[Tensor, Tensor]:
     """cos/sin tables [rope_max_positions, head_dim/2]: columns are the t, h and w frequencies side by side."""
-    tables = []
-    for axis_dim in cfg.rope_split:
-        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64, device="cpu") / axis_dim)
-        positions = torch.arange(cfg.rope_max_positions, dtype=torch.float64, device="cpu")
-        tables.append(torch.outer(positions, inv.cpu()))
-    angles = torch.cat(tables, dim=1)
+    positions = torch.arange(cfg.rope_max_positions, dtype=torch.float64)
+    angles = torch.cat([torch.outer(positions, inv) for inv in rope_frequencies(cfg)], dim=1)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def temporal_rotation(cfg: WanConfig, shift: int) -> tuple[Tensor, Tensor]:
+    """cos/sin [1, rope_split[0] / 2] that move a key already rotated at temporal position p to p + shift: RoPE
+    rotations compose, R(p + shift) = R(shift) R(p). Applied by `apply_rope` to the first rope_split[0] dims."""
+    angles = shift * rope_frequencies(cfg)[0][None]
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
@@ -440,7 +452,7 @@ class WanModel(nn.Module):
         # by log-sum-exp; nothing is written (the no-grad context pass writes the final K/V), nothing copied.
         earlier = None  # [S*T] ring rows holding frames before this chunk
         if torch.is_grad_enabled():
-            earlier = ((cache.slot_frame >= 0) & (cache.slot_frame < plan.frame_pos[0])).repeat_interleave(h * w)
+            earlier = ((cache.slot_frame >= 0) & (cache.slot_frame < cache.chunk_start)).repeat_interleave(h * w)
 
         def attend(i: int) -> AttendFn:
             def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -453,3 +465,45 @@ class WanModel(nn.Module):
             return fn
 
         return self._run(x, t, grid, plan.frame_pos, cache.text_kv, attend)
+
+    @torch.no_grad()
+    def forward_context(self, x: Tensor, t: Tensor, cache, frames: list[int], frames_per_chunk: int) -> None:
+        """Write the K/V of known frames into the cache in one pass: latents x [B, C, F, H, W] of the absolute
+        frames `frames` (ascending) at timesteps t [B, F], under the cache's text K/V.
+
+        Frames attend block-causally, as if they had been generated chunk by chunk: chunks of `frames_per_chunk`
+        counted back from the newest frame, each seeing itself and every frame before it, so the K/V equal those
+        the chunk loop's context passes wrote for the same latents when no earlier frame has been evicted. Used for
+        a prompt switch (the window's frames under the new prompt: LongLive's KV re-cache) and to start a stream
+        from given frames. The torch path (a one-off per switch, not part of the chunk step)."""
+        t, grid = self._check_latents(x, t)
+        f, h, w = grid
+        if f != len(frames) or any(a >= b for a, b in zip(frames, frames[1:], strict=False)):
+            raise ValueError(f"frames must list the {f} frames of x in ascending order, got {frames}")
+        tokens = h * w
+        if x.shape[0] != cache.batch_size or tokens != cache.frame_tokens:
+            raise ValueError(f"latents {tuple(x.shape)} do not fit the cache (batch {cache.batch_size})")
+        # Chunks as generated: counted back from the newest frame. A chunk's queries attend to the keys up to its
+        # end, a prefix of the frames; ends as token counts.
+        chunk = [(frames[-1] - frame) // frames_per_chunk for frame in frames]
+        ends = [(i + 1) * tokens for i in range(f) if i + 1 == f or chunk[i + 1] != chunk[i]]
+        end = frames[-1] + 1
+        plan = cache.plan_frames(torch.tensor(frames, device=cache.chunk_start.device), torch.tensor(end), end)
+
+        def attend(i: int) -> AttendFn:
+            def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                cache.write(i, plan, k, v)
+                if cache.fp8:  # attend to the K/V as the cache holds them, as the chunk step would
+                    k, v = (dequantize_fp8(*quantize_fp8(y), y.dtype) for y in (k, v))
+                out, start = torch.empty_like(q), 0
+                for end in ends:
+                    y = F.scaled_dot_product_attention(
+                        q[:, start:end].transpose(1, 2), k[:, :end].transpose(1, 2), v[:, :end].transpose(1, 2)
+                    )
+                    out[:, start:end] = y.transpose(1, 2)
+                    start = end
+                return out
+
+            return fn
+
+        self._run(x, t, grid, plan.frame_pos, cache.text_kv, attend)

@@ -1,8 +1,8 @@
 """The user-facing pipeline: prompt in, streamed video frames out.
 
-pipe = Pipeline.from_pretrained("path/to/model")    # sfpp's own, Wan2.1's original, or the diffusers layout
-pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B", checkpoint="self_forcing_dmd.pt", device="cuda",
-                                dtype=torch.bfloat16, cuda_graph=True)
+pipe = Pipeline.from_pretrained("default")          # the shipped model; or a directory: sfpp's own, Wan2.1's
+                                                    # original, or the diffusers layout
+pipe = Pipeline.from_pretrained("Wan2.1-T2V-1.3B", checkpoint="self_forcing_dmd.pt", device="cuda")
 video = pipe(prompt="a red ball bounces", seconds=10, generator=torch.Generator().manual_seed(0)).frames[0]
 export_to_video(video, "out.mp4", fps=pipe.fps)
 """
@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sfpp.cache import RingKVCache
 from sfpp.checkpoint import CheckpointError, load_file, load_weights
 from sfpp.graph import ChunkRunner
 from sfpp.model import WanConfig, WanModel, get_config
 from sfpp.sampler import FlowMatchSchedule, nvtx_range
+from sfpp.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for
 from sfpp.taehv import TAEHVDecoder
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.umt5 import UMT5TextEncoder
@@ -32,12 +33,63 @@ from sfpp.video import LatentPreviewDecoder, num_latent_frames
 
 CONFIG_FILE = "sfpp_pipeline.json"
 TRANSFORMER_FILE = "transformer.safetensors"
+# Models that ship inside the package, by name: `Pipeline.from_pretrained("default")` works from any directory.
+SHIPPED_MODELS = {"default": Path(__file__).parent / "assets" / "default"}
 
 # The parts a model directory may name by "type". Each class has `from_meta(meta, directory)`, `to_meta()` and
 # `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).
 TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder, "umt5": UMT5TextEncoder}
 DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE, "taehv": TAEHVDecoder}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The self-attention KV cache holds K/V in the DiT's dtype, or in fp8 with per-token-per-head scales.
+KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+# `WanModel.use_kernels` backends ("none": the plain torch path).
+KERNELS = ("auto", "torch", "triton", "cuda", "none")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a one-line ValueError when it is not a device name or not present on this machine."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda, cuda:N, ...") from exc
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+            raise ValueError(f"device {device} asked for, but no CUDA device is available here ({build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+        return device
+    backend = getattr(torch, device.type, None)  # mps, xpu, ...
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise ValueError(f"device {device} asked for, but it is not available here")
+    return device
+
+
+def device_defaults(device: torch.device) -> dict:
+    """What a pipeline runs unless told otherwise: on CUDA the fast path (bf16 DiT, the fused kernels by `auto`
+    dispatch, the chunk replayed from CUDA graphs); elsewhere fp32 through the plain torch path, eagerly (on a CPU
+    the Triton kernels only run in the interpreter, which is for tests, not speed)."""
+    cuda = device.type == "cuda"
+    return {
+        "dtype": torch.bfloat16 if cuda else torch.float32,
+        "kernels": "auto" if cuda else "none",
+        "cuda_graph": cuda,
+    }
+
+
+def unsupported(device: torch.device, *, compile: bool = False, kv_dtype: torch.dtype | None = None) -> str | None:
+    """Why a combination of options cannot run on `device`, or None when it can."""
+    if compile and kv_dtype == torch.float8_e4m3fn and device.type == "cpu":
+        return (
+            "torch.compile cannot compile the fp8 KV cache for a CPU (Inductor's C++ code generator: 'Promotion for "
+            "Float8 Types is not supported'); use the eager path or a bf16/fp32 cache there"
+        )
+    return None
 
 
 @dataclass
@@ -62,6 +114,32 @@ class StreamSettings:
             raise ValueError(f"invalid stream settings {self}")
         if self.window < self.frames_per_chunk:
             raise ValueError(f"window ({self.window}) must hold at least one chunk ({self.frames_per_chunk} frames)")
+
+
+def _is_number(x) -> bool:
+    """A real number, not a bool (True is not a length)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _integer(x, name: str) -> int:
+    """`x` as a Python int (numpy integers welcome): a non-number (or bool) is a TypeError, a fraction a ValueError."""
+    if not _is_number(x):
+        raise TypeError(f"{name} must be an integer, got {x!r} ({type(x).__name__})")
+    if not isinstance(x, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {x!r}")
+    return int(x)
+
+
+def _validate_noise(generator, seed) -> None:
+    if generator is not None and seed is not None:
+        raise ValueError("give a generator= or a seed=, not both")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator, got {generator!r} ({type(generator).__name__}); for an integer "
+            "seed pass seed="
+        )
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
 
 
 def _validate_prompt(prompt: str | list[str]) -> list[str]:
@@ -110,10 +188,7 @@ class Pipeline:
             )
         self.runner_options = {"cuda_graph": cuda_graph, "compile": compile, "compile_options": compile_options}
         self.kv_dtype = kv_dtype
-        self._cache: RingKVCache | None = None
-        self._cache_key: tuple | None = None
-        self._runner: ChunkRunner | None = None
-        self._runner_key: tuple | None = None
+        self._states = StatePool()  # caches and runners of finished streams, for the next stream of their shape
 
     @property
     def device(self) -> torch.device:
@@ -133,17 +208,27 @@ class Pipeline:
         seed: int = 0,
         settings: StreamSettings | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
+        kernels: str | None = None,
+        **options,
     ) -> Pipeline:
-        """A pipeline with random weights of a named config: exercises every stage, generates noise-like video."""
+        """A pipeline with random weights of a named config: exercises every stage, generates noise-like video.
+        `device`, `dtype`, `kernels` and `options` as in `from_pretrained`."""
+        device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         cfg = get_config(name)
         torch.manual_seed(seed)
         transformer = WanModel(cfg)
         text_encoder = ByteTextEncoder(ByteTextEncoderConfig(text_dim=cfg.text_dim, text_len=min(cfg.text_len, 64)))
         settings = settings or StreamSettings(height=64, width=64)
         pipe = cls(
-            transformer, text_encoder, LatentPreviewDecoder(cfg.in_channels), settings=settings, random_weights=True
+            transformer,
+            text_encoder,
+            LatentPreviewDecoder(cfg.in_channels),
+            settings=settings,
+            random_weights=True,
+            **options,
         )
+        pipe.transformer.use_kernels(None if kernels == "none" else kernels)
         return pipe.to(device, dtype)
 
     @classmethod
@@ -153,28 +238,36 @@ class Pipeline:
         checkpoint: str | Path | None = None,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
+        kernels: str | None = None,
         ema: bool = True,
         settings: StreamSettings | None = None,
         decoder: str | None = None,
         decoder_path: str | Path | None = None,
         **options,
     ) -> Pipeline:
-        """Load a model directory: sfpp's own (`save_pretrained`), Wan2.1's original layout (config.json,
-        diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or
-        the diffusers layout (model_index.json). `checkpoint`: DiT weights that replace the directory's, e.g. a
-        Self-Forcing `.pt` (its `generator_ema` if `ema` and present, else `generator`). Weights are read tensor by
-        tensor onto meta-device models: no second copy. `decoder="tiny"`: decode with TAEHV (`sfpp.taehv`) from
-        `decoder_path`, by default taew2_1.safetensors or taew2_1.pth in the model directory. `options`:
-        `cuda_graph`, `compile`, `compile_options`."""
+        """Load a model: a shipped model by name (`SHIPPED_MODELS`: "default") or a directory, sfpp's own
+        (`save_pretrained`), Wan2.1's original layout (config.json, diffusion_pytorch_model.safetensors,
+        Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or the diffusers layout (model_index.json).
+        `checkpoint`: DiT weights that replace the directory's, e.g. a Self-Forcing `.pt` (its `generator_ema` if
+        `ema` and present, else `generator`). Weights are read tensor by tensor onto meta-device models: no second
+        copy. `decoder="tiny"`: decode with TAEHV (`sfpp.taehv`) from `decoder_path`, by default
+        taew2_1.safetensors or taew2_1.pth in the model directory. Unless given, `dtype`, `kernels` (a
+        `WanModel.use_kernels` backend, or "none") and the option `cuda_graph` follow the device (`device_defaults`:
+        the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`."""
         from sfpp import wan_checkpoints as wc
 
+        device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         path = Path(path)
         layout = wc.detect_layout(path) if path.is_dir() else None
+        if layout is None and str(path) in SHIPPED_MODELS:
+            path = SHIPPED_MODELS[str(path)]
+            layout = wc.detect_layout(path) if path.is_dir() else None
         if layout is None:
             raise FileNotFoundError(
                 f"{path} is not an sfpp model directory: {CONFIG_FILE} is missing (nor is it a Wan2.1 directory with "
-                f"{wc.WAN_CONFIG}, or a diffusers one with {wc.DIFFUSERS_INDEX})"
+                f"{wc.WAN_CONFIG}, or a diffusers one with {wc.DIFFUSERS_INDEX}, or the name of a shipped model: "
+                f"{sorted(SHIPPED_MODELS)})"
             )
         read_dtype = dtype  # cast tensor by tensor while reading: never a second full copy
         if layout == "sfpp":
@@ -187,6 +280,7 @@ class Pipeline:
             pipe = cls(transformer, text_encoder, vae, settings=settings, **options)
         if checkpoint is not None:
             wc.load_checkpoint(pipe.transformer, checkpoint, ema=ema, dtype=read_dtype)
+        pipe.transformer.use_kernels(None if kernels == "none" else kernels)
         if decoder is not None:
             if decoder != "tiny":
                 raise ValueError(f"decoder must be 'tiny' or None (the model's own), got {decoder!r}")
@@ -196,9 +290,17 @@ class Pipeline:
 
     @classmethod
     def _from_sfpp_directory(cls, path: Path, *, load_dit: bool = True, **options) -> Pipeline:
-        meta = json.loads((path / CONFIG_FILE).read_text())
+        file = path / CONFIG_FILE
+        try:
+            meta = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"could not read {file}: {exc}") from exc
+        parts = ("transformer", "text_encoder", "decoder")
+        missing = [k for k in parts if k not in meta] if isinstance(meta, dict) else list(parts)
+        if missing:
+            raise CheckpointError(f"{file} has no {missing[0]!r} key (an sfpp model names each of {list(parts)})")
         with torch.device("meta"):
-            transformer = WanModel(WanConfig.from_dict(meta["transformer"]))
+            transformer = WanModel(_from_entry(WanConfig.from_dict, meta["transformer"], file, "transformer"))
         if load_dit:
             weights = path / TRANSFORMER_FILE
             load_weights(transformer, load_file(weights), source=str(weights))
@@ -207,10 +309,10 @@ class Pipeline:
             schedule["denoising_steps"] = tuple(schedule["denoising_steps"])
         return cls(
             transformer,
-            _part(TEXT_ENCODERS, meta["text_encoder"], path, "text encoder"),
+            _part(TEXT_ENCODERS, meta["text_encoder"], path, "text_encoder"),
             _part(DECODERS, meta["decoder"], path, "decoder"),
-            schedule=FlowMatchSchedule(**schedule),
-            settings=StreamSettings(**meta.get("settings", {})),
+            schedule=_from_entry(lambda d: FlowMatchSchedule(**d), schedule, file, "schedule"),
+            settings=_from_entry(lambda d: StreamSettings(**d), meta.get("settings", {}), file, "settings"),
             random_weights=meta.get("random_weights", False),
             **options,
         )
@@ -237,12 +339,16 @@ class Pipeline:
     def to(
         self,
         device: str | torch.device,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         *,
         decoder_dtype: torch.dtype | None = None,
     ) -> Pipeline:
-        """Move to a device; the DiT runs in `dtype`, a VAE decoder in `decoder_dtype` (default: `dtype`); the text
-        encoder keeps its own precision (umT5 with offload keeps its weights on the CPU between prompts)."""
+        """Move to a device; the DiT runs in `dtype` (default: the one it has), a VAE decoder in `decoder_dtype`
+        (default: the DiT's); the text encoder keeps its own precision (umT5 with offload keeps its weights on the
+        CPU between prompts). Options (kernels, CUDA graphs) stay as they are: `from_pretrained(..., device=)`
+        picks the device's defaults."""
+        device = check_device(device)
+        dtype = dtype or self.transformer.dtype
         self.transformer.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device)
         if isinstance(self.decoder, torch.nn.Module):
@@ -283,34 +389,35 @@ class Pipeline:
         if (num_frames is None) == (seconds is None):
             raise ValueError("give exactly one of num_frames= or seconds=")
         if seconds is not None:
+            if not _is_number(seconds):
+                raise TypeError(f"seconds must be a number, got {seconds!r} ({type(seconds).__name__})")
             if not seconds > 0:
                 raise ValueError(f"seconds must be positive, got {seconds}")
+            if math.isinf(seconds):
+                raise ValueError(f"seconds must be finite, got {seconds}")
             num_frames = max(1, round(seconds * s.fps))
-        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-        height = s.height if height is None else height
-        width = s.width if width is None else width
+        num_frames = _integer(num_frames, "num_frames")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames}")
+        height = s.height if height is None else _integer(height, "height")
+        width = s.width if width is None else _integer(width, "width")
         multiple = self.decoder.spatial_factor * self.transformer.cfg.patch_size[1]
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
+        if height % multiple or width % multiple or height < 1 or width < 1:
             raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
         latent_frames = num_latent_frames(num_frames, self.decoder.temporal_factor)
         num_chunks = math.ceil(latent_frames / s.frames_per_chunk)
-        limit = self.transformer.cfg.rope_max_positions
-        if num_chunks * s.frames_per_chunk > limit:
-            max_frames = 1 + (limit // s.frames_per_chunk * s.frames_per_chunk - 1) * self.decoder.temporal_factor
-            raise ValueError(
-                f"{num_frames} frames need {num_chunks * s.frames_per_chunk} latent frames, past the RoPE limit of "
-                f"{limit} latent frames: at most {max_frames} frames ({max_frames / s.fps:.0f} s at {s.fps} fps)"
-            )
         return num_frames, num_chunks, height // self.decoder.spatial_factor, width // self.decoder.spatial_factor
 
-    def _cache_for(self, batch_size: int, frame_tokens: int) -> RingKVCache:
-        """The KV cache, reset for a new video; reallocated only when its shape, device or dtype changes."""
+    def _take_state(self, batch_size: int, frame_tokens: int) -> StreamState:
+        """A KV cache and chunk runner for a new stream: a finished stream's of the same shape (a captured CUDA graph
+        is reused with it), else new ones. Never one that a live stream holds."""
         model, s = self.transformer, self.settings
-        key = (batch_size, frame_tokens, s.window, s.sink, model.dtype, self.kv_dtype, self.device)
-        if self._cache_key != key:
+        options = tuple(sorted((k, repr(v)) for k, v in self.runner_options.items()))
+        key = (batch_size, frame_tokens, s, model.dtype, self.kv_dtype, self.device, self.schedule, options)
+        state = self._states.take(key)
+        if state is None:
             kv = {} if self.kv_dtype is None else {"kv_dtype": self.kv_dtype}
-            self._cache = RingKVCache(
+            cache = RingKVCache(
                 model.cfg,
                 batch_size=batch_size,
                 frame_tokens=frame_tokens,
@@ -320,17 +427,11 @@ class Pipeline:
                 device=self.device,
                 **kv,
             )
-            self._cache_key = key
-        self._cache.reset()
-        return self._cache
+            state = StreamState(key, cache, ChunkRunner(model, cache, self.schedule, **self.runner_options))
+        return state
 
-    def _runner_for(self, cache: RingKVCache, shape: tuple[int, ...]) -> ChunkRunner:
-        """The chunk runner of this cache and chunk shape (a captured CUDA graph is reused across videos)."""
-        key = (id(cache), shape, self.schedule)
-        if self._runner_key != key:
-            self._runner = ChunkRunner(self.transformer, cache, self.schedule, **self.runner_options)
-            self._runner_key = key
-        return self._runner
+    def _give_state(self, state: StreamState) -> None:
+        self._states.give(state)
 
     def memory_estimate(self, batch_size: int, height: int, width: int) -> dict[str, int]:
         """Rough device bytes one generation needs: DiT weights, KV cache, peak activations of a chunk."""
@@ -376,7 +477,7 @@ class Pipeline:
     @torch.no_grad()
     def stream(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         *,
         num_frames: int | None = None,
         seconds: float | None = None,
@@ -384,50 +485,125 @@ class Pipeline:
         width: int | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        schedule: list[tuple[float, str | list[str]]] | None = None,
+        recache: bool = True,
+        video: Tensor | np.ndarray | None = None,
+        include_video: bool = True,
         progress: bool = True,
         return_latents: bool = False,
-    ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-        """Yield the decoded frames of each chunk, uint8 [B, n, H, W, 3], as soon as it is denoised."""
-        prompts = _validate_prompt(prompt)
-        num_frames, num_chunks, h, w = self._plan(num_frames, seconds, height, width)
-        if generator is not None and seed is not None:
-            raise ValueError("give a generator= or a seed=, not both")
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        model, s = self.transformer, self.settings
-        frame_tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
-        shape = (len(prompts), model.cfg.in_channels, s.frames_per_chunk, h, w)
-        pixels = (len(prompts), h * self.decoder.spatial_factor, w * self.decoder.spatial_factor)
-        try:
-            cache = self._cache_for(len(prompts), frame_tokens)
-            cache.set_text(model.text_kv(self.encode_prompt(prompts)))  # once per prompt, reused by every step
-            runner = self._runner_for(cache, shape)
-        except torch.OutOfMemoryError as exc:
-            raise self._oom_error(exc, *pixels) from exc
-        decoder = self.decoder.stream()
-        remaining = num_frames
-        bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="sfpp")
-        for _ in range(num_chunks):
-            try:
-                # The chunk's noise, drawn in the eager sampler's order: the same video in every runner mode.
-                latents = runner(runner.draw_noise(shape, generator, self.device))
-                with nvtx_range("decode"):
-                    frames = decoder.decode(latents)[:, :remaining]
-            except torch.OutOfMemoryError as exc:
-                raise self._oom_error(exc, *pixels) from exc
-            remaining -= frames.shape[1]
-            bar.update(frames.shape[1])
-            yield (frames, latents) if return_latents else frames
-        bar.close()
+    ) -> VideoStream:
+        """A stream yielding the decoded frames of each chunk, uint8 [B, n, H, W, 3], as soon as it is denoised.
 
-    def __call__(self, prompt: str | list[str], **kwargs) -> PipelineOutput:
-        """Generate whole videos: the frames of `stream(...)` concatenated. Same arguments as `stream`."""
+        Without `num_frames` or `seconds` the stream is endless (positions re-base past the RoPE table). It owns its
+        state, so several streams of one pipeline may run interleaved. `schedule`: prompt switches as
+        [(seconds, prompt), ...] (with `prompt` omitted, the first entry is at 0 s); `handle.set_prompt(...)` switches
+        at the next chunk. `recache`: on a switch, recompute the cached frames' K/V under the new prompt (else only
+        the text K/V change). `video`: frames [T, H, W, 3] (an image: [H, W, 3]) to continue from, encoded by the
+        decoder's encoder and resized to the output's size (see `prepare_video`); the output starts with them when
+        `include_video`. Lengths and schedule times count generated frames only."""
+        if prompt is None and not schedule:
+            raise TypeError("prompt must be a string or a list of strings (or a schedule from 0 s), got None")
+        switches = self._schedule(schedule, prompt is None)
+        if prompt is None:
+            prompt = switches.pop(0)[1]
+        prompts = _validate_prompt(prompt)
+        switches = [(frame, prompts_for(p, len(prompts), "a schedule's prompt")) for frame, p in switches]
+        if num_frames is None and seconds is None:  # endless: only the size to check
+            _, _, h, w = self._plan(1, None, height, width)
+        else:
+            num_frames, _, h, w = self._plan(num_frames, seconds, height, width)
+        _validate_noise(generator, seed)
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
+        if video is not None:
+            if not hasattr(self.decoder, "encode_frames"):
+                raise ValueError(
+                    f"continuing from given frames needs an encoder, and this pipeline's decoder "
+                    f"({type(self.decoder).__name__}) has none: use a model with the Wan VAE or the toy codec"
+                )
+            sf = self.decoder.spatial_factor
+            video = prepare_video(video, h * sf, w * sf, self.decoder.temporal_factor, len(prompts))
+        return VideoStream(
+            self,
+            prompts,
+            num_frames=num_frames,
+            latent_size=(h, w),
+            generator=generator,
+            switches=switches,
+            recache=recache,
+            video=video,
+            include_video=include_video,
+            progress=progress,
+            return_latents=return_latents,
+        )
+
+    def _schedule(self, schedule, starts_at_zero: bool) -> list[tuple[int, str | list[str]]]:
+        """[(seconds, prompt), ...] -> [(first generated video frame of the prompt, prompt), ...]."""
+        if schedule is None:
+            return []
+        entries = list(schedule) if isinstance(schedule, (list, tuple)) else None
+        if not entries or not all(isinstance(e, (list, tuple)) and len(e) == 2 for e in entries):
+            raise TypeError(f"schedule must be a non-empty list of (seconds, prompt) pairs, got {schedule!r}")
+        times = [e[0] for e in entries]
+        for t in times:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+                raise ValueError(f"schedule times must be finite seconds >= 0, got {t!r}")
+        if any(a >= b for a, b in zip(times, times[1:], strict=False)):
+            raise ValueError(f"schedule times must be strictly increasing, got {times}")
+        if starts_at_zero != (times[0] == 0):
+            rule = "start at 0 s when no prompt is given" if starts_at_zero else "be after 0 s (the prompt starts)"
+            raise ValueError(f"schedule times must {rule}, got {times}")
+        return [(math.ceil(t * self.settings.fps - 1e-9), p) for t, p in entries]
+
+    def __call__(self, prompt: str | list[str] | None = None, **kwargs) -> PipelineOutput:
+        """Generate whole videos: the frames of `stream(...)` concatenated. Same arguments as `stream`; a length
+        (`num_frames=` or `seconds=`) is required."""
+        if kwargs.get("num_frames") is None and kwargs.get("seconds") is None:
+            raise ValueError("give exactly one of num_frames= or seconds= (only stream() runs without an end)")
         chunks = list(self.stream(prompt, return_latents=True, **kwargs))
         return PipelineOutput(frames=torch.cat([f for f, _ in chunks], 1), latents=torch.cat([z for _, z in chunks], 2))
 
 
-def _part(registry: dict[str, type], meta: dict, directory: Path, what: str):
-    kind = meta.get("type")
+def _from_entry(build, entry, file: Path, key: str):
+    """`build(entry)` for the `key` entry of a model's JSON; a missing or unexpected field names the file and key."""
+    try:
+        return build(entry)
+    except KeyError as exc:
+        raise CheckpointError(f"{file}: the {key!r} entry has no {exc.args[0]!r} key") from exc
+    except (TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{file}: the {key!r} entry does not fit ({exc})") from exc
+
+
+def _part(registry: dict[str, type], meta: dict, directory: Path, key: str):
+    file = directory / CONFIG_FILE
+    kind = meta.get("type") if isinstance(meta, dict) else None
     if kind not in registry:
-        raise CheckpointError(f"unknown {what} type {kind!r} in {directory / CONFIG_FILE}; known: {sorted(registry)}")
-    return registry[kind].from_meta(meta, directory)
+        raise CheckpointError(f"{file}: unknown {key!r} type {kind!r}; known: {sorted(registry)}")
+    return _from_entry(lambda m: registry[kind].from_meta(m, directory), meta, file, key)
+
+
+def _resolve_options(device, dtype, kernels, options: dict) -> tuple[torch.device, torch.dtype, str, dict]:
+    """from_pretrained/from_config's options, with the device's defaults (`device_defaults`) where not given."""
+    device = check_device(device)
+    defaults = device_defaults(device)
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype!r}")
+    kernels = defaults["kernels"] if kernels is None else kernels
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
+    options = {"cuda_graph": defaults["cuda_graph"], **options}
+    if options["cuda_graph"] is None:
+        options["cuda_graph"] = defaults["cuda_graph"]
+    kv_dtype = options.get("kv_dtype")
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES.values():
+        raise ValueError(f"kv_dtype must be one of {list(KV_DTYPES.values())}, got {kv_dtype!r}")
+    dtype = dtype or defaults["dtype"]
+    if kv_dtype not in (None, dtype, torch.float8_e4m3fn):
+        raise ValueError(
+            f"kv_dtype {kv_dtype} needs dtype={kv_dtype} (the DiT runs in {dtype}): the ring cache holds K/V in the "
+            "DiT's dtype, or in fp8"
+        )
+    reason = unsupported(device, compile=options.get("compile", False), kv_dtype=kv_dtype)
+    if reason:
+        raise ValueError(reason)
+    return device, dtype, kernels, options

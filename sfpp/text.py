@@ -7,6 +7,7 @@ bytes or hashed words, for CPU work and the toy world.
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,10 +34,16 @@ class ByteTextEncoderConfig:
         return 2 + (256 if self.tokenizer == "bytes" else self.word_buckets)
 
 
+# A word: a run of letters and digits of any script (for ASCII exactly [a-z0-9]+ after lower-casing, so ASCII
+# prompts keep the tokens the shipped model was trained on); any other character that is neither ASCII nor space
+# (an emoji, a symbol) is a word of its own. ASCII punctuation separates words.
+WORD = re.compile(r"[^\W_]+|[^\s\x00-\x7f]")
+
+
 class ByteTextEncoder(nn.Module):
     """Tokens -> embeddings -> a few transformer layers. Token 0 pads, 1 begins every prompt (so an empty prompt
-    still has a token to attend to), byte or word-bucket i is token i + 2. Words are hashed with CRC-32, which,
-    unlike Python's hash, is the same in every process."""
+    still has a token to attend to), byte or word-bucket i is token i + 2. Words (`WORD`, in any script) are hashed
+    with CRC-32 of their UTF-8 bytes, which, unlike Python's hash, is the same in every process."""
 
     def __init__(self, cfg: ByteTextEncoderConfig) -> None:
         super().__init__()
@@ -76,15 +83,24 @@ class ByteTextEncoder(nn.Module):
         return load_weights(encoder, load_file(directory / cls.WEIGHTS), source=str(directory / cls.WEIGHTS))
 
     def tokenize(self, prompts: list[str]) -> Tensor:
-        """[B, text_len] token ids; prompts are truncated to text_len - 1 tokens."""
+        """[B, text_len] token ids; a prompt longer than text_len - 1 tokens is cut there, with a warning."""
         ids = torch.zeros(len(prompts), self.cfg.text_len, dtype=torch.long)
+        limit = self.cfg.text_len - 1
         for i, prompt in enumerate(prompts):
             if self.cfg.tokenizer == "bytes":
                 pieces = list(prompt.encode("utf-8"))
             else:
-                words = re.findall(r"[a-z0-9]+", prompt.lower())
-                pieces = [zlib.crc32(w.encode()) % self.cfg.word_buckets for w in words]
-            data = [1] + [p + 2 for p in pieces][: self.cfg.text_len - 1]
+                words = WORD.findall(prompt.lower())
+                pieces = [zlib.crc32(w.encode("utf-8")) % self.cfg.word_buckets for w in words]
+            if len(pieces) > limit:
+                unit = "bytes" if self.cfg.tokenizer == "bytes" else "words"
+                ignored = "" if unit == "bytes" else f": {' '.join(words[limit:])!r} is ignored"
+                warnings.warn(
+                    f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} has {len(pieces)} {unit}; the "
+                    f"text encoder reads the first {limit}{ignored}",
+                    stacklevel=2,
+                )
+            data = [1] + [p + 2 for p in pieces][:limit]
             ids[i, : len(data)] = torch.tensor(data, dtype=torch.long)
         return ids
 

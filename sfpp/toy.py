@@ -50,6 +50,10 @@ class PatchPCACodec:
         z = torch.einsum("ck,nkhw->nchw", basis, blocks - mean[:, None, None]) / scale[:, None, None]
         return z.unflatten(0, video.shape[:2]).transpose(1, 2)
 
+    def encode_frames(self, frames: Tensor) -> Tensor:
+        """uint8 frames [B, T, H, W, 3] (the pipeline's format) -> latents [B, C, T, H/f, W/f]."""
+        return self.encode(frames.permute(0, 1, 4, 2, 3).float() / 127.5 - 1)
+
     def decode_pixels(self, z: Tensor) -> Tensor:
         """latents [B, C, T, h, w] -> video [B, T, 3, H, W], unclamped."""
         mean, basis, scale = (t.to(z.device) for t in (self.mean, self.basis, self.scale))

@@ -349,6 +349,10 @@ class WanVAE(nn.Module):
         mean, std = self.latent_stats(mu.device)
         return (mu - mean) / std
 
+    def encode_frames(self, frames: Tensor) -> Tensor:
+        """uint8 frames [B, 1 + 4k, H, W, 3] (the pipeline's format) -> normalised latents [B, z, 1 + k, H/8, W/8]."""
+        return self.encode(frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
+
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         """Normalised latents [B, z, F, h, w] -> video [B, 3, 1 + 4(F-1), 8h, 8w] in [-1, 1], fp32."""

@@ -33,28 +33,90 @@ def test_baseline_equals_sfpp(sink):
         torch.testing.assert_close(base(noises), ours(noises), rtol=1e-4, atol=1e-4)
 
 
-def test_sfpp_bench_runs_on_cpu(tmp_path, capsys):
-    """`sfpp bench` at a tiny config: every variant timed, the baseline in the same run, JSON with provenance."""
+def _help_smoke_command() -> list[str]:
+    """The CPU smoke command that `sfpp bench --help` prints, as arguments after `sfpp`."""
+    from bench import e2e
+
+    doc = e2e.__doc__.replace("\\\n", " ")
+    (line,) = [line for line in doc.splitlines() if "# CPU smoke" in line]
+    return line.split("#")[0].split()[1:]
+
+
+def test_help_cpu_smoke_command_passes(tmp_path, capsys):
+    """The command `sfpp bench --help` offers for a CPU runs every variant of the device's defaults or skips it with a
+    reason, the baseline in the same run, exit status 0, JSON with provenance."""
     from sfpp.cli import main
 
-    args = ["bench", "--config", "tiny", "--height", "32", "--width", "32", "--vae-base-dim", "8",
-            "--frames-per-chunk", "2", "--window", "4", "--chunks", "1", "--long-frames", "8",
-            "--modes", "eager,graph", "--kv-dtypes", "fp8", "--profile", "--out-dir", str(tmp_path)]  # fmt: skip
-    assert main(args) == 0
+    assert main([*_help_smoke_command(), "--profile", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| variant | DiT FPS | e2e FPS |" in out and "x the baseline end to end" in out
-    (path,) = tmp_path.glob("e2e-cpu-*.json")
+    (path,) = tmp_path.glob("e2e-*.json")
     record = json.loads(path.read_text())
     assert {"device", "commit", "date", "command", "torch"} <= set(record)
-    names = [r["variant"] for r in record["results"]]
-    assert names == ["eager-fp8", "graph-fp8", "baseline"]
-    for r in record["results"]:
+    ran = [r for r in record["results"] if "skipped" not in r]
+    assert ran[-1]["variant"] == "baseline" and not any("error" in r for r in record["results"])
+    for r in ran:
         assert r["dit_fps"] > 0 and r["e2e_fps"] > 0 and r["first_chunk_s"] > 0
-    first, graph, base = record["results"]
-    assert len(first["dit_ms_per_chunk"]) == len(base["dit_ms_per_chunk"]) == 4  # the long run: 8 frames
-    assert len(graph["dit_ms_per_chunk"]) == 2 + 1  # ring fill + 1 timed chunk
+    assert len(ran[0]["dit_ms_per_chunk"]) == len(ran[-1]["dit_ms_per_chunk"]) == 4  # the long run: 8 frames
+    assert len(ran[1]["dit_ms_per_chunk"]) == 2 + 1  # ring fill + 1 timed chunk
     assert record["summary"]["e2e_speedup_vs_baseline"] > 0
-    assert (tmp_path / "profile-eager-fp8-cpu.txt").is_file()
+    assert record["profile"].endswith(f"profile-{ran[0]['variant']}-{path.name.split('-')[1]}.txt")
+    if not torch.cuda.is_available():  # a CPU's defaults: fp32, eager and compiled; fp8 compiled is skipped
+        names = [r["variant"] for r in record["results"]]
+        assert names == ["eager-fp32", "compile-fp32", "eager-fp8", "compile-fp8", "baseline"]
+        assert "cannot compile the fp8 KV cache" in record["results"][3]["skipped"]
+
+
+TINY = ["--config", "tiny", "--height", "32", "--width", "32", "--vae-base-dim", "8", "--frames-per-chunk", "2",
+        "--window", "4", "--chunks", "1", "--long-frames", "4", "--no-baseline"]  # fmt: skip
+
+
+def test_bench_bf16_kv_cache_on_cpu_writes_to_the_current_directory(tmp_path, monkeypatch, capsys):
+    """A bf16 cache runs its DiT in bf16 (the ring holds K/V in the DiT's dtype), whatever --dtype; the JSON lands
+    in the current directory, not in the checkout."""
+    from bench import e2e
+
+    monkeypatch.chdir(tmp_path)
+    assert e2e.main([*TINY, "--modes", "eager", "--kv-dtypes", "bf16,fp32", "--dtype", "float32"]) == 0
+    (path,) = tmp_path.glob("e2e-*.json")
+    bf16, fp32 = json.loads(path.read_text())["results"]
+    assert (bf16["dit_dtype"], fp32["dit_dtype"]) == ("bfloat16", "float32")
+    assert bf16["dit_fps"] > 0 and bf16["kv_cache_mib"] < 0.6 * fp32["kv_cache_mib"]  # 2 bytes an element, not 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU cannot run")
+def test_bench_skips_what_the_device_cannot_run(tmp_path, capsys):
+    from bench import e2e
+
+    assert e2e.main([*TINY, "--modes", "graph,compile", "--kv-dtypes", "fp8", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "graph-fp8: skipped: CUDA graphs need a CUDA device" in out
+    assert "compile-fp8: skipped: torch.compile cannot compile the fp8 KV cache" in out
+
+
+def test_bench_failed_variant_exits_1_unless_keep_going(tmp_path, monkeypatch, capsys):
+    from bench import e2e
+    from sfpp.cli import main
+
+    def broken(self, mode, kv, long):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(e2e.Harness, "sfpp", broken)
+    args = ["bench", *TINY, "--modes", "eager", "--kv-dtypes", "fp32", "--out-dir", str(tmp_path)]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "eager-fp32: FAILED: RuntimeError: kernel exploded" in captured.out
+    assert "1 of 1 variants failed: eager-fp32" in captured.err
+    assert main([*args, "--keep-going"]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU's defaults")
+def test_bench_defaults_are_sfpp_generate_defaults_on_cpu():
+    from bench.e2e import parse
+
+    args = parse([])
+    assert (args.dtype, args.kernels, args.modes, args.kv_dtypes) == ("float32", "none", ["eager", "compile"],
+                                                                     ["fp32", "fp8"])  # fmt: skip
 
 
 def test_bench_bad_arguments(capsys):

@@ -111,7 +111,7 @@ def test_cache_memory_is_constant_and_reported(cfg):
     cache = RingKVCache(cfg, batch_size=1, frame_tokens=4, window=6, sink=1)
     expected = 2 * cfg.num_layers * 1 * 7 * 4 * cfg.num_heads * cfg.head_dim * 4  # K and V, fp32
     expected += 2 * cfg.num_layers * cfg.num_heads * cfg.text_len * cfg.head_dim * 4
-    expected += 7 * 8 + 8 + 4 * 8  # slot_frame, chunk_start, token offsets (int64)
+    expected += 7 * 8 + 8 + 4 * 8 + 8  # slot_frame, chunk_start, token offsets, rope_shift (int64)
     assert cache.nbytes == expected
     ptr = cache.k.data_ptr()
     for _ in range(40):
