@@ -34,7 +34,11 @@ from sfpp.video import LatentPreviewDecoder, num_latent_frames
 CONFIG_FILE = "sfpp_pipeline.json"
 TRANSFORMER_FILE = "transformer.safetensors"
 # Models that ship inside the package, by name: `Pipeline.from_pretrained("default")` works from any directory.
-SHIPPED_MODELS = {"default": Path(__file__).parent / "assets" / "default"}
+# The toy world's students (train/ship.py): Self-Forcing++ (the default), and beside it the Self-Forcing baseline and
+# the Self-Forcing++ student after GRPO, so the comparison in the model card can be re-run.
+SHIPPED_MODELS = {
+    name: Path(__file__).parent / "assets" / name for name in ("default", "self-forcing", "self-forcing++-grpo")
+}
 
 # The parts a model directory may name by "type". Each class has `from_meta(meta, directory)`, `to_meta()` and
 # `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).

@@ -224,7 +224,11 @@ API_CASES = [
     (lambda p: Pipeline.from_config("tiny", dtype="float32"), ValueError, "dtype must be one of"),
     (lambda p: Pipeline.from_config("tiny", kv_dtype="fp8"), ValueError, "kv_dtype must be one of"),
     (lambda p: Pipeline.from_config("wan9"), ValueError, "unknown model config 'wan9'"),
-    (lambda p: Pipeline.from_pretrained("no/such/dir"), FileNotFoundError, "name of a shipped model: ['default']"),
+    (
+        lambda p: Pipeline.from_pretrained("no/such/dir"),
+        FileNotFoundError,
+        "name of a shipped model: ['default', 'self-forcing', 'self-forcing++-grpo']",
+    ),
     pytest.param(lambda p: Pipeline.from_config("tiny", device="cuda"), ValueError, "no CUDA device", marks=cpu_only),
     pytest.param(
         lambda p: Pipeline.from_config("tiny", kv_dtype=torch.bfloat16),

@@ -19,9 +19,9 @@ from sfpp.sampler import FlowMatchSchedule
 from train import rollout as R
 from train.common import Dist, load_checkpoint, save_checkpoint
 from train.config import DMDConfig, get_recipe
-from train.metrics import fidelity, no_repeat, smoothness_reward
+from train.metrics import chunk_seam, fidelity, no_repeat, smoothness_reward, window_metrics
 from train.stages import SHARED_STREAM, DMDStage, ExtendedDMDStage, TeacherStage, run_stage, world_codec
-from train.world import render, render_batch, sample_spec
+from train.world import parse_prompt, render, render_batch, sample_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("cv2")
@@ -59,6 +59,30 @@ def test_metrics_separate_good_from_broken_video():
     flicker = frames.copy()
     flicker[::6] = 255 - flicker[::6]  # sudden flashes: flow spikes
     assert smoothness_reward(frames, 0.25) > smoothness_reward(flicker, 0.25)
+
+
+def test_chunk_seam_and_clipping_see_what_they_measure():
+    spec = sample_spec(5)
+    frames = ((render(spec, 24).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    assert 0.8 < chunk_seam(frames, 3) < 1.25  # the world has no chunks
+    jumpy = frames.astype(np.int16)
+    jumpy[3::3] += 20  # a brightness jump at every chunk start that holds for the chunk
+    jumpy = np.clip(jumpy, 0, 255).astype(np.uint8)
+    assert chunk_seam(jumpy, 3) > 3
+    assert window_metrics(frames)["clipped"] < 0.05
+    assert window_metrics(np.full_like(frames, 255))["clipped"] == 1.0
+
+
+def test_parse_prompt_inverts_the_worlds_prompts():
+    for seed in range(300):
+        spec = sample_spec(seed)
+        parsed = parse_prompt(spec.prompt())
+        assert parsed.prompt() == spec.prompt()
+        assert [(o.colour, o.shape, o.size, o.speed) for o in parsed.objects] == [
+            (o.colour, o.shape, o.size, o.speed) for o in spec.objects
+        ]
+    with pytest.raises(ValueError, match="grammar"):
+        parse_prompt("a big red dragon moving fast over a plain grey background")
 
 
 def test_student_steps_lie_on_the_teacher_euler_grid():

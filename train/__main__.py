@@ -4,7 +4,7 @@ python -m train all --recipe toy --out runs/toy          # every stage in order,
 python -m train teacher --recipe toy --out runs/toy      # one stage (resumes from its last checkpoint)
 torchrun --nproc_per_node=2 -m train all --recipe smoke --out /tmp/smoke
 python -m train eval --recipe toy --out runs/toy         # long-horizon evaluation: table and plots
-python -m train ship --recipe toy --out runs/toy         # write the default model into sfpp/assets/default
+python -m train ship --recipe toy --out runs/toy         # write the shipped models into sfpp/assets/
 torchrun --nproc_per_node=8 -m train all --recipe wan2.1-1.3b --wan-dir Wan2.1-T2V-1.3B --prompts prompts.txt \
     --out runs/wan [--checkpoint self_forcing_dmd.pt]    # from Wan2.1's weights: the paper's setting
 """
@@ -33,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/toy", help="run directory (stages resume from it)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--stop-after", type=int, default=None, help="stop a stage after this many steps (tests)")
-    p.add_argument("--ship-to", default=None, help="where `ship` writes the model (default sfpp/assets/default)")
+    p.add_argument(
+        "--ship-to", default=None, help="write one student (--ship-stage) here, not every shipped model in sfpp/assets"
+    )
     p.add_argument(
         "--ship-stage",
         default="extended",
         choices=["extended", "grpo", "dmd"],
-        help="which student `ship` packages (default: the Self-Forcing++ EMA student)",
+        help="which student `ship --ship-to DIR` packages (default: the Self-Forcing++ EMA student)",
     )
     p.add_argument("--wan-dir", default=None, help="wan2.1-1.3b: the Wan2.1 directory (Wan's or diffusers' layout)")
     p.add_argument("--prompts", default=None, help="wan2.1-1.3b: prompt file, one prompt a line")
@@ -76,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate(recipe, out, env.device)
         if args.command in ("ship", "all"):
-            from train.ship import ship
+            from train.ship import ship, ship_all
 
-            ship(recipe, out, Path(args.ship_to) if args.ship_to else None, stage=args.ship_stage)
+            if args.ship_to:
+                ship(recipe, out, Path(args.ship_to), stage=args.ship_stage)
+            else:
+                ship_all(recipe, out)
     if env.world_size > 1:
         # All work is written. Under torchrun with gloo, the interpreter's own teardown aborted a rank now and then
         # ("terminate called without an active exception", SIGABRT) after everything had finished, which fails the

@@ -1,6 +1,6 @@
-"""Long-horizon evaluation: roll each model out to 1x, 5x and 20x the teacher horizon and measure, window by window,
-exposure, motion, flicker, repetition and fidelity to the world's ground truth. Writes results.json, table.md and
-one PNG per metric into <out>/eval/."""
+"""Long-horizon evaluation: roll each model out to 1x, 5x and 20x the teacher horizon, over several evaluation seeds
+(each its own prompts and noise), and measure window by window exposure, motion, flicker, chunk seams, clipping and
+fidelity to the world's ground truth. Writes results.json, table.md and one PNG per metric into <out>/eval/."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ from train.common import Dist
 from train.config import Recipe
 from train.metrics import no_repeat, window_metrics
 from train.stages import Stage, load_module
-from train.world import render, sample_spec
+from train.world import WorldSpec, render, sample_spec
 
 STUDENTS = {  # label -> weights
     "Self-Forcing": ("dmd", "ema"),
     "Self-Forcing++": ("extended", "ema"),
     "Self-Forcing++ +GRPO": ("grpo", "policy"),
 }
-METRICS = ("luminance", "clipped", "dynamic", "flicker", "fidelity")
+WORLD, TEACHER = "world (ground truth)", "teacher"
+METRICS = ("luminance", "clipped", "dynamic", "flicker", "fidelity", "seam")
+EVAL_SEEDS = (0, 1, 2)
 
 
 class _Eval(Stage):
@@ -35,91 +37,147 @@ class _Eval(Stage):
         self.text = self.frozen_text()
 
 
+def eval_specs(seed: int, num_prompts: int) -> list[WorldSpec]:
+    """The evaluation prompts of one seed (seed 0: the prompts `train.endless` and `train.steering` use too)."""
+    return [sample_spec(7_000_000 + 1000 * seed + i) for i in range(num_prompts)]
+
+
 @torch.no_grad()
-def evaluate(recipe: Recipe, out: Path, device: torch.device, num_prompts: int = 16, multiples=(1, 5, 20)) -> dict:
+def evaluate(
+    recipe: Recipe,
+    out: Path,
+    device: torch.device,
+    num_prompts: int = 16,
+    multiples: tuple[int, ...] = (1, 5, 20),
+    seeds: tuple[int, ...] = EVAL_SEEDS,
+) -> dict:
     helper = _Eval(recipe, out, Dist(device=device))
-    k = recipe.horizon
-    seeds = [7_000_000 + i for i in range(num_prompts)]
-    specs = [sample_spec(s) for s in seeds]
-    prompts = [s.prompt() for s in specs]
-    ctx = helper.encode(helper.text, prompts)
-    videos: dict[str, np.ndarray] = {}
-
-    # The world itself, and the teacher at its horizon (Euler + CFG from noise).
-    videos["world (ground truth)"] = np.stack(
-        [
-            ((render(s, k * max(multiples), recipe.frame_size).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
-            for s in specs
-        ]
-    )
+    k, fpc = recipe.horizon, recipe.frames_per_chunk
     teacher = helper.frozen_teacher()
-    gen = torch.Generator().manual_seed(1)
-    noise = R.randn((num_prompts, recipe.model.in_channels, k, *recipe.latent_hw), gen, device)
-    x0, _ = R.teacher_ode(
-        teacher,
-        noise,
-        ctx,
-        helper.encode(helper.text, [""] * num_prompts),
-        guidance=recipe.ode.guidance,
-        steps=recipe.ode.euler_steps,
-        shift=helper.schedule.shift,
-    )
-    videos["teacher"] = helper.codec.decode_frames(x0).cpu().numpy()
-
+    students = {}
     for label, (stage, file) in STUDENTS.items():
         path = out / stage / "final" / f"{file}.safetensors"
-        if not path.is_file():
-            continue
-        student = load_module(WanModel(recipe.model), path).to(device).eval()
-        cache = helper.new_cache(student, num_prompts, ctx)
-        gen = torch.Generator().manual_seed(1)
-        latents = R.student_rollout(
-            student, cache, helper.chunk_shape(num_prompts), k * max(multiples), helper.schedule, gen
-        )
-        videos[label] = helper.codec.decode_frames(latents).cpu().numpy()
+        if path.is_file():
+            students[label] = load_module(WanModel(recipe.model), path).to(device).eval()
 
-    results = {}
-    for label, video in videos.items():
-        windows = video.shape[1] // k
-        per_window = {m: [] for m in METRICS}
-        for w in range(windows):
-            ms = [window_metrics(v[w * k : (w + 1) * k], spec) for v, spec in zip(video, specs, strict=True)]
-            for m in METRICS:
-                per_window[m].append(float(np.mean([x[m] for x in ms])))
-        results[label] = {
-            "windows": windows,
-            "per_window": per_window,
-            "no_repeat": float(np.mean([no_repeat(v, k) for v in video])) if windows > 1 else None,
-        }
+    per_seed: dict[str, list[dict]] = {}
+    for seed in seeds:
+        specs = eval_specs(seed, num_prompts)
+        ctx = helper.encode(helper.text, [s.prompt() for s in specs])
+        videos = {WORLD: np.stack([_uint8(render(s, k * max(multiples), recipe.frame_size)) for s in specs])}
+        noise = R.randn((num_prompts, recipe.model.in_channels, k, *recipe.latent_hw), _gen(seed), device)
+        uncond = helper.encode(helper.text, [recipe.negative_prompt] * num_prompts)
+        x0, _ = R.teacher_ode(
+            teacher, noise, ctx, uncond, guidance=recipe.ode.guidance, steps=recipe.ode.euler_steps,
+            shift=helper.schedule.shift,
+        )  # fmt: skip
+        videos[TEACHER] = helper.codec.decode_frames(x0).cpu().numpy()
+        for label, student in students.items():
+            cache = helper.new_cache(student, num_prompts, ctx)
+            shape = helper.chunk_shape(num_prompts)
+            latents = R.student_rollout(student, cache, shape, k * max(multiples), helper.schedule, _gen(seed))
+            videos[label] = helper.codec.decode_frames(latents).cpu().numpy()
+        for label, video in videos.items():
+            per_seed.setdefault(label, []).append(video_metrics(video, specs, k, fpc))
+
+    results = {label: summarise(runs, per_seed[WORLD], multiples) for label, runs in per_seed.items()}
     eval_dir = out / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / "results.json").write_text(json.dumps({"horizon": k, "fps": recipe.fps, "results": results}, indent=2))
+    meta = {"horizon": k, "fps": recipe.fps, "seeds": list(seeds), "prompts_per_seed": num_prompts}
+    (eval_dir / "results.json").write_text(json.dumps({**meta, "results": results}, indent=2))
     (eval_dir / "table.md").write_text(table(results, multiples))
     plots(results, k, recipe.fps, eval_dir)
     print(table(results, multiples))
     return results
 
 
-def table(results: dict, multiples=(1, 5, 20)) -> str:
-    """Markdown: each metric in the first window and at the end of 5x and 20x the horizon; plus the two ratios the
-    paper's claim is about: dynamic degree and exposure at 20x relative to the first window."""
-    head = ["model"] + [f"{m} @{x}x" for m in ("luminance", "dynamic", "fidelity") for x in multiples]
-    head += ["clipped @20x", "flicker @20x", "dynamic 20x/1x", "|lum 20x - 1x|/1x", "NoRepeat"]
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1 + seed)
+
+
+def _uint8(video: torch.Tensor) -> np.ndarray:
+    """[T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    return ((video.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+
+
+def video_metrics(videos: np.ndarray, specs: list[WorldSpec], horizon: int, frames_per_chunk: int) -> dict:
+    """Metrics of one seed's videos [B, T, H, W, 3]: per window (mean over prompts), and per rollout the relative
+    luminance change between its last window and its first."""
+    windows = videos.shape[1] // horizon
+    per_video = [
+        [window_metrics(v[w * horizon : (w + 1) * horizon], spec, frames_per_chunk) for w in range(windows)]
+        for v, spec in zip(videos, specs, strict=True)
+    ]
+    per_window = {m: [float(np.mean([pv[w][m] for pv in per_video])) for w in range(windows)] for m in METRICS}
+    drift = [abs(pv[-1]["luminance"] - pv[0]["luminance"]) / max(pv[0]["luminance"], 1e-9) for pv in per_video]
+    return {
+        "windows": windows,
+        "per_window": per_window,
+        "rollout_drift": drift if windows > 1 else None,
+        "no_repeat": float(np.mean([no_repeat(v, horizon) for v in videos])) if windows > 1 else None,
+    }
+
+
+def summarise(runs: list[dict], world: list[dict], multiples: tuple[int, ...]) -> dict:
+    """Mean and spread over seeds. `motion_vs_world`: per window, the model's dynamic degree over the world's on the
+    same prompts; its lowest and highest window. Drift: median and worst over every rollout of every seed."""
+    windows = runs[0]["windows"]
+
+    def spread(values: list[float]) -> list[float]:
+        return [float(np.mean(values)), float(np.std(values))]
+
+    s: dict[str, list[float] | None] = {}
+    for m in ("fidelity", "luminance", "dynamic"):
+        for x in multiples:
+            s[f"{m}@{x}x"] = spread([r["per_window"][m][x - 1] for r in runs]) if x <= windows else None
+    ratios = [np.array(r["per_window"]["dynamic"]) / np.array(w["per_window"]["dynamic"][:windows]) for r, w in
+              zip(runs, world, strict=True)]  # fmt: skip
+    s["motion_vs_world_min"] = spread([float(r.min()) for r in ratios])
+    s["motion_vs_world_max"] = spread([float(r.max()) for r in ratios])
+    s["seam"] = spread([float(np.mean(r["per_window"]["seam"])) for r in runs])
+    last = min(max(multiples), windows)
+    s["clipped@last"] = spread([r["per_window"]["clipped"][last - 1] for r in runs])
+    s["flicker@last"] = spread([r["per_window"]["flicker"][last - 1] for r in runs])
+    if windows > 1:
+        s["dynamic_last/first"] = spread([r["per_window"]["dynamic"][-1] / r["per_window"]["dynamic"][0] for r in runs])
+        s["drift_median"] = spread([float(np.median(r["rollout_drift"])) for r in runs])
+        all_drift = [d for r in runs for d in r["rollout_drift"]]
+        s["drift_median_all"] = [float(np.median(all_drift)), 0.0]
+        s["drift_worst"] = [float(np.max(all_drift)), 0.0]
+        s["no_repeat"] = spread([r["no_repeat"] for r in runs])
+    per_window = {m: [float(np.mean([r["per_window"][m][w] for r in runs])) for w in range(windows)] for m in METRICS}
+    lo = {m: [float(np.min([r["per_window"][m][w] for r in runs])) for w in range(windows)] for m in METRICS}
+    hi = {m: [float(np.max([r["per_window"][m][w] for r in runs])) for w in range(windows)] for m in METRICS}
+    return {"windows": windows, "summary": s, "per_window": per_window, "per_window_min": lo, "per_window_max": hi,
+            "per_seed": runs}  # fmt: skip
+
+
+def _fmt(v: list[float] | None, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v[0]:.1f}% ± {100 * v[1]:.1f}" if v[1] else f"{100 * v[0]:.1f}%"
+    return f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
+def table(results: dict, multiples: tuple[int, ...] = (1, 5, 20)) -> str:
+    """Markdown, every figure the mean ± standard deviation over the evaluation seeds."""
+    last = max(multiples)
+    head = ["model"] + [f"fidelity @{x}x" for x in multiples]
+    head += ["motion / world (lowest window)", "motion / world (highest window)", "chunk seam",
+             f"clipped channels @{last}x", f"luminance drift per rollout @{last}x: median (worst)",
+             f"dynamic {last}x / 1x", f"flicker @{last}x", "NoRepeat"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in results.items():
-        pw, n = r["per_window"], r["windows"]
-
-        def at(metric: str, multiple: int, pw=pw, n=n) -> str:
-            return f"{pw[metric][multiple - 1]:.3f}" if multiple <= n else "-"
-
-        row = [label] + [at(m, x) for m in ("luminance", "dynamic", "fidelity") for x in multiples]
-        last = multiples[-1]
-        if last <= n:
-            d = pw["dynamic"][last - 1] / max(pw["dynamic"][0], 1e-9)
-            lum = abs(pw["luminance"][last - 1] - pw["luminance"][0]) / max(pw["luminance"][0], 1e-9)
-            row += [at("clipped", last), at("flicker", last), f"{d:.2f}", f"{lum:.3f}", f"{r['no_repeat']:.2f}"]
-        else:
-            row += ["-"] * 5
+        s = r["summary"]
+        long = r["windows"] >= last
+        drift = "-"
+        if long and "drift_worst" in s:
+            drift = f"{_fmt(s['drift_median'], True)} ({100 * s['drift_worst'][0]:.1f}%)"
+        row = [label] + [_fmt(s[f"fidelity@{x}x"]) for x in multiples]
+        row += [_fmt(s["motion_vs_world_min"]), _fmt(s["motion_vs_world_max"]), _fmt(s["seam"])]
+        row += [_fmt(s["clipped@last"], True) if long else "-", drift]
+        row += [_fmt(s.get("dynamic_last/first")), _fmt(s["flicker@last"]) if long else "-", _fmt(s.get("no_repeat"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -135,10 +193,13 @@ def plots(results: dict, horizon: int, fps: int, out: Path) -> None:
         for label, r in results.items():
             values = r["per_window"][metric]
             seconds = [(i + 0.5) * horizon / fps for i in range(len(values))]
-            ax.plot(seconds, values, marker="o" if len(values) == 1 else None, label=label)
+            (line,) = ax.plot(seconds, values, marker="o" if len(values) == 1 else None, label=label)
+            if len(values) > 1:
+                ax.fill_between(seconds, r["per_window_min"][metric], r["per_window_max"][metric],
+                                color=line.get_color(), alpha=0.15)  # fmt: skip
         ax.set_xlabel("time (s)")
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per {horizon}-frame window")
+        ax.set_title(f"{metric} per {horizon}-frame window (band: lowest..highest seed)", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{metric}.png", dpi=100)

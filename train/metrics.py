@@ -38,19 +38,34 @@ def smoothness_reward(frames: np.ndarray, flow_floor: float) -> float:
     return -float(np.abs(np.diff(mags)).mean() / (mags.mean() + flow_floor))
 
 
-def window_metrics(frames: np.ndarray, spec: WorldSpec | None = None, min_lag: int = 12) -> dict[str, float]:
-    """Metrics of one window of frames [T, H, W, 3]."""
+def window_metrics(
+    frames: np.ndarray, spec: WorldSpec | None = None, frames_per_chunk: int | None = None
+) -> dict[str, float]:
+    """Metrics of one window of frames [T, H, W, 3]: `clipped` is the fraction of pixel channels at exactly 0 or
+    255; `seam` (with `frames_per_chunk`) is `chunk_seam` of the window."""
     y = luma(frames)
     mags = flow_magnitudes(frames)
     out = {
         "luminance": float(y.mean()),
-        "clipped": float(((y > 0.98) | (y < 0.02)).mean()),
+        "clipped": float(((frames == 0) | (frames == 255)).mean()),
         "dynamic": float(mags.mean()) if len(mags) else 0.0,
         "flicker": float(np.abs(y[2:] - 2 * y[1:-1] + y[:-2]).mean()) if len(y) > 2 else 0.0,
     }
     if spec is not None:
         out["fidelity"] = fidelity(frames, spec)
+    if frames_per_chunk is not None:
+        out["seam"] = chunk_seam(frames, frames_per_chunk)
     return out
+
+
+def chunk_seam(frames: np.ndarray, frames_per_chunk: int) -> float:
+    """Mean frame-to-frame change across chunk boundaries over the mean change inside chunks (frames [T, H, W, 3],
+    the first frame starting a chunk). 1 means the seams are invisible; a jump every chunk shows as > 1."""
+    change = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # [T-1]: frame t -> t + 1
+    across = (np.arange(1, len(frames)) % frames_per_chunk) == 0
+    if not across.any() or across.all():
+        return float("nan")
+    return float(change[across].mean() / max(change[~across].mean(), 1e-6))
 
 
 def no_repeat(frames: np.ndarray, min_lag: int, floor: float = 0.004) -> float:

@@ -7,16 +7,26 @@ from pathlib import Path
 
 from sfpp.model import WanModel
 from sfpp.pipeline import Pipeline, StreamSettings
+from sfpp.sampler import FlowMatchSchedule
 from sfpp.text import ByteTextEncoder
 from train.config import Recipe
 from train.stages import load_module, world_codec
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "sfpp" / "assets" / "default"
+ASSETS = Path(__file__).resolve().parent.parent / "sfpp" / "assets"
+# Shipped model name (sfpp.pipeline.SHIPPED_MODELS) -> the stage whose student it is.
+SHIPPED_STAGES = {"default": "extended", "self-forcing": "dmd", "self-forcing++-grpo": "grpo"}
+
+
+def ship_all(recipe: Recipe, out: Path) -> None:
+    """Every shipped model: the Self-Forcing++ student as the default, the Self-Forcing baseline and the GRPO
+    student beside it, so anyone can re-run the comparison."""
+    for name, stage in SHIPPED_STAGES.items():
+        ship(recipe, out, ASSETS / name, stage)
 
 
 def ship(recipe: Recipe, out: Path, to: Path | None = None, stage: str = "extended") -> Path:
     weights = {"grpo": "policy", "extended": "ema", "dmd": "ema"}[stage]
-    to = to or DEFAULT_DIR
+    to = to or ASSETS / "default"
     student = load_module(WanModel(recipe.model), out / stage / "final" / f"{weights}.safetensors")
     text = load_module(ByteTextEncoder(recipe.text), out / "teacher" / "final" / "text.safetensors")
     settings = StreamSettings(
@@ -27,7 +37,9 @@ def ship(recipe: Recipe, out: Path, to: Path | None = None, stage: str = "extend
         width=recipe.frame_size,
         fps=recipe.fps,
     )
-    Pipeline(student, text, world_codec(recipe), settings=settings).save_pretrained(to)
+    Pipeline(
+        student, text, world_codec(recipe), schedule=FlowMatchSchedule(shift=recipe.shift), settings=settings
+    ).save_pretrained(to)
     (to / "MODEL_CARD.md").write_text(model_card(recipe, out, stage))
     size = sum(f.stat().st_size for f in to.iterdir())
     print(f"shipped {out / stage} -> {to} ({size / 2**20:.1f} MiB)")

@@ -95,7 +95,7 @@ class Stage:
             self.codec = VAEFrames(recipe, env.device)  # pixels only where needed: GRPO's reward
         else:
             self.codec = world_codec(recipe)
-        self.schedule = FlowMatchSchedule()
+        self.schedule = FlowMatchSchedule(shift=recipe.shift)
         # Two random streams. `generator` differs per rank: noise, data, noise levels. `shared` is seeded the same on
         # every rank and draws everything that decides how many forward passes a step makes (window starts, exit
         # and restart steps): under FSDP each of those passes is a collective per block, so ranks that drew
@@ -314,6 +314,7 @@ class TeacherStage(Stage):
         text = shard(ByteTextEncoder(self.recipe.text).to(self.device), self.env)
         self.models = {"teacher": dit, "text": text}
         self.optimizers = {"teacher": _adamw(dit.parameters(), cfg.lr), "text": _adamw(text.parameters(), cfg.lr)}
+        self.ema = EMA(dit, cfg.ema_decay) if cfg.ema_decay else None
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.recipe.teacher
@@ -332,10 +333,13 @@ class TeacherStage(Stage):
         loss.backward()
         for name, optim in self.optimizers.items():
             _clip_and_step(self.models[name], optim, None)
+        if self.ema is not None:  # a short memory while the weights move fast, then the configured decay
+            self.ema.update(self.models["teacher"], min(cfg.ema_decay, (1 + step) / (10 + step)))
         return {"loss": loss.item()}
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
-        return {"teacher": full_state_dict(self.models["teacher"]), "text": full_state_dict(self.models["text"])}
+        dit = self.ema.full_state_dict() if self.ema is not None else full_state_dict(self.models["teacher"])
+        return {"teacher": dit, "text": full_state_dict(self.models["text"])}
 
 
 class ODEStage(Stage):

@@ -8,6 +8,7 @@ its ground truth (colours, sizes, speeds, positions) for evaluation, and renders
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -139,3 +140,23 @@ def render_batch(seeds: list[int], num_frames: int, size: int = 32, start: int =
     """Videos [B, T, 3, S, S] and their prompts."""
     specs = [sample_spec(s) for s in seeds]
     return torch.stack([render(s, num_frames, size, start) for s in specs]), [s.prompt() for s in specs]
+
+
+_OBJECT = re.compile(rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) moving ({'|'.join(SPEEDS)})")
+_PROMPT = re.compile(
+    rf"(?P<objects>{_OBJECT.pattern}(?: and {_OBJECT.pattern})*) over a (?P<texture>{'|'.join(TEXTURES)}) "
+    rf"(?P<background>{'|'.join(BACKGROUNDS)}) background(?:, camera panning (?P<pan>{'|'.join(PANS)}))?"
+)
+
+
+def parse_prompt(prompt: str) -> WorldSpec:
+    """The world a prompt in the world's own grammar (`WorldSpec.prompt`) describes, for measuring fidelity to it.
+    Where objects start and head is not in a prompt: every object starts at the centre heading right."""
+    match = _PROMPT.fullmatch(prompt.strip())
+    if match is None:
+        raise ValueError(f"not a prompt of the toy world's grammar (see train/world.py): {prompt!r}")
+    objects = tuple(
+        WorldObject(shape=shape, colour=colour, size=size, speed=speed, start=(0.5, 0.5), direction=0.0)
+        for size, colour, shape, speed in _OBJECT.findall(match["objects"])
+    )
+    return WorldSpec(objects, match["background"], match["texture"], match["pan"], light=0.0)
