@@ -143,14 +143,14 @@ TOY_MODEL = WanConfig(
 TOY_TEXT = ByteTextEncoderConfig(text_dim=64, text_len=32, num_layers=2, num_heads=2, tokenizer="words")
 
 RECIPES: dict[str, Recipe] = {
-    # The shipped toy model. Shift 1: SD3's rule scales the shift with the square root of the latent area, and Wan's
-    # 5.0 at 60x104 latents comes to below 1 at 8x8. DMD stages: 200 generator updates each (what fits a CPU
-    # session with both run side by side). No activation checkpointing: it changes no number, only memory.
+    # The shipped toy model. Shift 3: the teacher's 32-step samples scored 0.264 fidelity at shift 3 against 0.228 at
+    # shift 1 after 2500 steps (16 prompts). DMD stages: 200 generator updates each (what fits a CPU session with
+    # both run side by side). No activation checkpointing: it changes no number, only memory.
     "toy": Recipe(
         "toy",
         TOY_MODEL,
         TOY_TEXT,
-        shift=1.0,
+        shift=3.0,
         teacher=TeacherConfig(steps=3000),
         self_forcing=DMDConfig(steps=200),
         extended=extended_dmd(steps=200),

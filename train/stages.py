@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,6 +105,7 @@ class Stage:
         self.shared = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * SHARED_STREAM)
         self.draws: list[tuple] = []  # every shared draw made, compared across ranks at the end
         self.history: list[dict[str, float]] = []
+        self.seconds = 0.0  # wall time of the steps so far, over every resume
         self.models: dict[str, nn.Module] = {}  # checkpointed, sharded
         self.optimizers: dict[str, torch.optim.Optimizer] = {}  # keyed like their model
         self.ema: EMA | None = None
@@ -189,6 +191,7 @@ class Stage:
             "generators": _gather(self.generator.get_state(), self.env),
             "shared": self.shared.get_state(),
             "draws": self.draws,
+            "seconds": self.seconds,
             "recipe": asdict(self.recipe),
         }
         save_checkpoint(self.dir / "ckpt", step, weights, state, self.env)
@@ -214,6 +217,7 @@ class Stage:
         self.shared.set_state(state["shared"])
         self.draws = state["draws"]
         self.history = state["history"]
+        self.seconds = state.get("seconds", 0.0)
         info(self.env, f"[{self.name}] resumed at step {state['step']}")
         return state["step"]
 
@@ -226,11 +230,13 @@ class Stage:
         start = self.resume()
         logger = Logger(self.env, self.name, self.total_steps, start, self.recipe.log_every)
         for step in range(start, self.total_steps):
+            began = time.time()
             losses = self.step(step)
             for model in self.models.values():  # FSDP2 keeps the root gathered after a forward with no backward
                 if hasattr(model, "reshard"):
                     model.reshard()
             self.history.append(losses)
+            self.seconds += time.time() - began
             logger.log(step, losses)
             if (step + 1) % self.recipe.ckpt_every == 0 or step + 1 == self.total_steps:
                 self.save(step + 1)
@@ -259,7 +265,13 @@ class Stage:
             final.mkdir(parents=True, exist_ok=True)
             for file, sd in outputs.items():
                 save_file({k: v.contiguous() for k, v in sd.items()}, str(final / f"{file}.safetensors"))
-            metrics = {"history": self.history, "rank_checksums": checksums, "rank_fingerprints": fingerprints}
+            metrics = {
+                "history": self.history,
+                "seconds": round(self.seconds, 1),
+                "threads": torch.get_num_threads(),
+                "rank_checksums": checksums,
+                "rank_fingerprints": fingerprints,
+            }
             write_json(final / "metrics.json", metrics, self.env)
             (final / "DONE").write_text("ok\n")
         _barrier(self.env)
@@ -394,21 +406,27 @@ class ODEStage(Stage):
         return data
 
     def step(self, step: int) -> dict[str, float]:
+        """Eq. 4 with the context inference gives: one chunk per sample at a state of its teacher trajectory, the
+        chunks before it clean (sigma 0: their K/V are what the cache's context passes write), and the regression
+        on that chunk alone (the chunks after it cannot reach it through the block-causal mask). Regressing every
+        chunk with noisy chunks before it instead trains on a context the student never sees, and its videos jump
+        at every chunk boundary (chunk seam 2.0 on the toy world)."""
         cfg, rc = self.recipe.ode, self.recipe
         data = self.trajectories
         idx = torch.randint(len(data["prompts"]), (cfg.batch_size,), generator=self.generator)
         chunks = math.ceil(rc.horizon / rc.frames_per_chunk)
-        which = torch.randint(4, (cfg.batch_size, chunks), generator=self.generator)  # a timestep per chunk
-        which = which.repeat_interleave(rc.frames_per_chunk, 1)[:, : rc.horizon]  # [B, F]
-        states = data["states"][idx]  # [B, 4, C, F, h, w]
-        frames = torch.arange(rc.horizon)
-        x = states[torch.arange(len(idx))[:, None], which, :, frames[None, :]]  # [B, F, C, h, w]
-        x = x.permute(0, 2, 1, 3, 4).to(self.device)
-        sigma = torch.tensor(self.schedule.sigmas, device=self.device)[which.to(self.device)]  # [B, F]
+        target = torch.randint(chunks, (cfg.batch_size, 1), generator=self.generator)  # the chunk each sample learns
+        which = torch.randint(4, (cfg.batch_size,), generator=self.generator)  # at this denoising step
+        noisy = (torch.arange(rc.horizon) // rc.frames_per_chunk)[None, :] == target  # [B, F]
+        clean = data["x0"][idx]  # [B, C, F, h, w]
+        x = torch.where(noisy[:, None, :, None, None], data["states"][idx, which], clean).to(self.device)
+        sigma = torch.tensor(self.schedule.sigmas)[which][:, None] * noisy  # [B, F]: 0 on the clean context
+        sigma, noisy, clean = sigma.to(self.device), noisy.to(self.device), clean.to(self.device)
         ctx = self.encode(self.text, [data["prompts"][i] for i in idx.tolist()])
         flow = self.models["student"](x, 1000 * sigma, ctx, frames_per_chunk=rc.frames_per_chunk, window=rc.window)
         x0 = flow_to_x0(x, flow, sigma[:, None, :, None, None])
-        loss = F.mse_loss(x0, data["x0"][idx].to(self.device))
+        weight = noisy[:, None, :, None, None].expand_as(x0)
+        loss = F.mse_loss(x0[weight], clean[weight])
         self.optimizers["student"].zero_grad(set_to_none=True)
         loss.backward()
         _clip_and_step(self.models["student"], self.optimizers["student"], None)
