@@ -20,7 +20,7 @@ from train import rollout as R
 from train.common import Dist, load_checkpoint, save_checkpoint
 from train.config import DMDConfig, get_recipe
 from train.metrics import chunk_seam, fidelity, no_repeat, smoothness_reward, window_metrics
-from train.stages import SHARED_STREAM, DMDStage, ExtendedDMDStage, TeacherStage, run_stage, world_codec
+from train.stages import SHARED_STREAM, DMDStage, ExtendedDMDStage, ODEStage, TeacherStage, run_stage, world_codec
 from train.world import parse_prompt, render, render_batch, sample_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,6 +222,34 @@ def smoke_run(tmp_path_factory):
     recipe = get_recipe("smoke")
     histories = {name: run_stage(name, recipe, out, Dist()) for name in ("teacher", "ode", "dmd")}
     return recipe, out, histories
+
+
+def test_ode_regression_sees_the_context_inference_gives(smoke_run, monkeypatch):
+    """Each sample of the ODE regression is one chunk at a state of its teacher trajectory with every frame before it
+    clean at t = 0: the layout whose block-causal forward equals inference over the cache
+    (`test_pipeline.test_generation_equals_cache_free_loop`)."""
+    recipe, out, _ = smoke_run
+    stage = ODEStage(recipe, out, Dist())
+    student, seen = stage.models["student"], []
+    forward = student.forward
+    monkeypatch.setattr(student, "forward", lambda x, t, ctx, **kw: seen.append((x, t)) or forward(x, t, ctx, **kw))
+    for step in range(6):
+        stage.step(step)
+    data, fpc = stage.trajectories, recipe.frames_per_chunk
+    student_t = [1000 * s for s in stage.schedule.sigmas]
+    samples = [(x[b], t[b]) for x, t in seen for b in range(x.shape[0])]
+    assert any(float(t[0]) == 0 for _, t in samples), "no sample had a context before its chunk"
+    for x, t in samples:
+        noisy = (t > 0).nonzero().flatten()
+        assert len(noisy) == fpc and noisy[0] % fpc == 0 and torch.equal(noisy, noisy[0] + torch.arange(fpc))
+        step = min(range(4), key=lambda k: abs(student_t[k] - float(t[noisy[0]])))
+        assert torch.allclose(t[noisy], torch.full((fpc,), student_t[step]))
+        chunk, before = slice(int(noisy[0]), int(noisy[-1]) + 1), slice(0, int(noisy[0]))
+        assert any(  # the clean context and the noisy chunk come from the same trajectory
+            torch.equal(x[:, before], data["x0"][i, :, before])
+            and torch.equal(x[:, chunk], data["states"][i, step, :, chunk])
+            for i in range(len(data["prompts"]))
+        )
 
 
 def test_resume_gives_the_same_losses(smoke_run, tmp_path):
