@@ -112,29 +112,15 @@ def test_wan_recipe_needs_its_files(tmp_path):
 
 def test_diffusers_layout_gives_the_same_inputs(wan_files, tmp_path):
     """The same teacher and prompt embeddings from the diffusers layout of the same weights."""
-    diffusers = pytest.importorskip("diffusers")
-    import transformers
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    pytest.importorskip("diffusers")
+    from test_wan_loading import write_diffusers_layout
 
-    from sfpp.umt5 import convert_wan_t5_to_transformers, umt5_config_from_wan
     from train import wan
 
     wan_dir, prompts, dit = wan_files
     d = tmp_path / "Wan2.1-T2V-tiny-Diffusers"
     d.mkdir()
-    (d / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    ref = diffusers.WanTransformer3DModel(
-        num_attention_heads=CFG.num_heads, attention_head_dim=CFG.head_dim, text_dim=CFG.text_dim,
-        freq_dim=CFG.freq_dim, ffn_dim=CFG.ffn_dim, num_layers=CFG.num_layers, rope_max_seq_len=CFG.rope_max_positions,
-    )  # fmt: skip
-    ref.load_state_dict(convert_wan_transformer_to_diffusers(dict(dit.state_dict())), strict=True)
-    ref.save_pretrained(d / "transformer")
-    diffusers.AutoencoderKLWan(base_dim=8).save_pretrained(d / "vae")
-    t5 = wan_t5_state_dict()
-    t5_model = transformers.UMT5EncoderModel(umt5_config_from_wan(t5))
-    t5_model.load_state_dict(convert_wan_t5_to_transformers(t5), strict=True)
-    t5_model.save_pretrained(d / "text_encoder")
-    make_tokenizer(d / "tokenizer")
+    write_diffusers_layout(d, dit, wan_t5_state_dict())
 
     ours, theirs = tiny_recipe(wan_dir, prompts), tiny_recipe(d, prompts)
     expected = wan.teacher(ours, torch.device("cpu")).state_dict()

@@ -157,30 +157,37 @@ def test_sharded_weights_and_cast_on_read(parts, tmp_path):
     assert read_weights(tmp_path / "a.safetensors")[keys[0]].dtype == torch.float32
 
 
-@pytest.fixture(scope="module")
-def diffusers_dir(parts, tmp_path_factory):
-    """The diffusers layout, written by diffusers and transformers themselves."""
+def write_diffusers_layout(d, dit: WanModel, t5: dict, vae: WanVAE | None = None):
+    """The diffusers layout of these weights in d, written by diffusers and transformers themselves (a random
+    diffusers VAE when `vae` is None); returns the diffusers VAE."""
     import transformers
 
-    dit, vae, t5 = parts
-    d = tmp_path_factory.mktemp("Wan2.1-T2V-tiny-Diffusers")
+    from sfpp.umt5 import convert_wan_t5_to_transformers, umt5_config_from_wan
+
+    cfg = dit.cfg
     (d / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     ref = diffusers.WanTransformer3DModel(
-        num_attention_heads=CFG.num_heads, attention_head_dim=CFG.head_dim, text_dim=CFG.text_dim,
-        freq_dim=CFG.freq_dim, ffn_dim=CFG.ffn_dim, num_layers=CFG.num_layers, rope_max_seq_len=CFG.rope_max_positions,
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, rope_max_seq_len=cfg.rope_max_positions,
     )  # fmt: skip
     ref.load_state_dict(convert_wan_transformer_to_diffusers(dict(dit.state_dict())), strict=True)
     ref.save_pretrained(d / "transformer")
     ref_vae = diffusers.AutoencoderKLWan(base_dim=8)
-    ref_vae.load_state_dict(convert_wan_vae_to_diffusers(dict(vae.state_dict())), strict=True)
+    if vae is not None:
+        ref_vae.load_state_dict(convert_wan_vae_to_diffusers(dict(vae.state_dict())), strict=True)
     ref_vae.save_pretrained(d / "vae")
-    from sfpp.umt5 import convert_wan_t5_to_transformers, umt5_config_from_wan
-
     t5_model = transformers.UMT5EncoderModel(umt5_config_from_wan(t5))
     t5_model.load_state_dict(convert_wan_t5_to_transformers(t5), strict=True)
     t5_model.save_pretrained(d / "text_encoder")
     make_tokenizer(d / "tokenizer")
-    return d, ref_vae
+    return ref_vae
+
+
+@pytest.fixture(scope="module")
+def diffusers_dir(parts, tmp_path_factory):
+    dit, vae, t5 = parts
+    d = tmp_path_factory.mktemp("Wan2.1-T2V-tiny-Diffusers")
+    return d, write_diffusers_layout(d, dit, t5, vae)
 
 
 def test_diffusers_layout(diffusers_dir, wan_dir, parts):
