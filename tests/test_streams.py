@@ -20,7 +20,7 @@ from sfpp.sampler import FlowMatchSchedule
 from sfpp.stream import prepare_video
 from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.video import LatentPreviewDecoder
-from train.world import COLOURS, WorldObject, WorldSpec, render
+from train.world import COLOURS, WorldObject, WorldSpec, frames_uint8, render
 
 SHIPPED_DIR = Path(sfpp.__file__).parent / "assets" / "default"
 SHIPPED = Pipeline.from_pretrained(SHIPPED_DIR) if (SHIPPED_DIR / "sfpp_pipeline.json").is_file() else None
@@ -359,7 +359,7 @@ def test_continue_a_ground_truth_clip_on_the_toy_world():
     pipe, n = SHIPPED, 24
     obj = WorldObject("circle", "green", "big", "slowly", (0.4, 0.5), 3.3)
     spec = WorldSpec((obj,), "teal", "plain", None, 4.0)
-    world = ((render(spec, n + 3, 32).permute(0, 2, 3, 1) + 1) * 127.5).round().byte()
+    world = frames_uint8(render(spec, n + 3, 32))
     out = pipe(spec.prompt(), video=world[:n], num_frames=3, seed=3, progress=False).frames[0]
     assert torch.equal(out[:n], world[:n]) and out.shape[0] == n + 3
     control = pipe(spec.prompt(), num_frames=n + 3, seed=3, progress=False).frames[0]
@@ -439,7 +439,7 @@ def test_cli_then_and_from(tmp_path, capsys):
     from sfpp.video import export_to_video
 
     spec = WorldSpec((WorldObject("circle", "red", "big", "slowly", (0.4, 0.5), 0.3),), "grey", "plain", None, 1.0)
-    world = ((render(spec, 9, 32).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    world = frames_uint8(render(spec, 9, 32)).numpy()
     Image.fromarray(world[0]).save(tmp_path / "first.png")
     export_to_video(world, tmp_path / "clip.mp4", fps=8)
     base = ["generate", "-p", spec.prompt(), "--num-frames", "16", "--seed", "1", "--quiet"]

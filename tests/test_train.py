@@ -21,7 +21,7 @@ from train.common import Dist, load_checkpoint, save_checkpoint
 from train.config import DMDConfig, get_recipe
 from train.metrics import chunk_seam, fidelity, no_repeat, smoothness_reward, window_metrics
 from train.stages import SHARED_STREAM, DMDStage, ExtendedDMDStage, ODEStage, TeacherStage, run_stage, world_codec
-from train.world import parse_prompt, render, render_batch, sample_spec
+from train.world import frames_uint8, parse_prompt, render, render_batch, sample_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("cv2")
@@ -52,7 +52,7 @@ def test_codec_keeps_the_world():
 
 def test_metrics_separate_good_from_broken_video():
     spec = sample_spec(1)
-    frames = ((render(spec, 36).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    frames = frames_uint8(render(spec, 36)).numpy()
     frozen = np.repeat(frames[:1], 36, 0)
     assert fidelity(frames, spec) > 0.6 > fidelity(frozen, spec)
     assert no_repeat(frames, 12) > 0.5 > no_repeat(frozen, 12)
@@ -63,7 +63,7 @@ def test_metrics_separate_good_from_broken_video():
 
 def test_chunk_seam_and_clipping_see_what_they_measure():
     spec = sample_spec(5)
-    frames = ((render(spec, 24).permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    frames = frames_uint8(render(spec, 24)).numpy()
     assert 0.8 < chunk_seam(frames, 3) < 1.25  # the world has no chunks
     jumpy = frames.astype(np.int16)
     jumpy[(np.arange(24) // 3) % 2 == 1] += 20  # every other chunk brighter: a jump at every chunk boundary

@@ -19,7 +19,7 @@ import torch
 
 from sfpp.pipeline import Pipeline
 from train.metrics import window_metrics
-from train.world import sample_spec
+from train.world import eval_specs
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "sfpp" / "assets" / "default"
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rope_limit:
         pipe.transformer.cfg = replace(pipe.transformer.cfg, rope_max_positions=args.rope_limit)
     horizon, limit = pipe.settings.window, pipe.transformer.cfg.rope_max_positions
-    prompts = [sample_spec(7_000_000 + i).prompt() for i in range(args.prompts)]  # train/evaluate.py's prompts
+    prompts = [s.prompt() for s in eval_specs(0, args.prompts)]  # train/evaluate.py's first seed
     base = pipe.settings
     if args.cost_only:
         cost = rebase_cost(pipe, prompts[0])

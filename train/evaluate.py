@@ -16,7 +16,7 @@ from train.common import Dist
 from train.config import Recipe
 from train.metrics import no_repeat, window_metrics
 from train.stages import Stage, load_module
-from train.world import WorldSpec, render, sample_spec
+from train.world import WorldSpec, eval_specs, frames_uint8, render
 
 STUDENTS = {  # label -> weights
     "Self-Forcing": ("dmd", "ema"),
@@ -35,11 +35,6 @@ class _Eval(Stage):
 
     def setup(self) -> None:
         self.text = self.frozen_text()
-
-
-def eval_specs(seed: int, num_prompts: int) -> list[WorldSpec]:
-    """The evaluation prompts of one seed (seed 0: the prompts `train.endless` and `train.steering` use too)."""
-    return [sample_spec(7_000_000 + 1000 * seed + i) for i in range(num_prompts)]
 
 
 @torch.no_grad()
@@ -64,7 +59,8 @@ def evaluate(
     for seed in seeds:
         specs = eval_specs(seed, num_prompts)
         ctx = helper.encode(helper.text, [s.prompt() for s in specs])
-        videos = {WORLD: np.stack([_uint8(render(s, k * max(multiples), recipe.frame_size)) for s in specs])}
+        world = torch.stack([render(s, k * max(multiples), recipe.frame_size) for s in specs])
+        videos = {WORLD: frames_uint8(world).numpy()}
         noise = R.randn((num_prompts, recipe.model.in_channels, k, *recipe.latent_hw), _gen(seed), device)
         uncond = helper.encode(helper.text, [recipe.negative_prompt] * num_prompts)
         x0, _ = R.teacher_ode(
@@ -93,11 +89,6 @@ def evaluate(
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(1 + seed)
-
-
-def _uint8(video: torch.Tensor) -> np.ndarray:
-    """[T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    return ((video.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
 
 
 def video_metrics(videos: np.ndarray, specs: list[WorldSpec], horizon: int, frames_per_chunk: int) -> dict:
@@ -145,11 +136,15 @@ def summarise(runs: list[dict], world: list[dict], multiples: tuple[int, ...]) -
         s["drift_median_all"] = [float(np.median(all_drift)), 0.0]
         s["drift_worst"] = [float(np.max(all_drift)), 0.0]
         s["no_repeat"] = spread([r["no_repeat"] for r in runs])
-    per_window = {m: [float(np.mean([r["per_window"][m][w] for r in runs])) for w in range(windows)] for m in METRICS}
-    lo = {m: [float(np.min([r["per_window"][m][w] for r in runs])) for w in range(windows)] for m in METRICS}
-    hi = {m: [float(np.max([r["per_window"][m][w] for r in runs])) for w in range(windows)] for m in METRICS}
-    return {"windows": windows, "summary": s, "per_window": per_window, "per_window_min": lo, "per_window_max": hi,
-            "per_seed": runs}  # fmt: skip
+    by_seed = {m: np.array([r["per_window"][m] for r in runs]) for m in METRICS}  # [seeds, windows]
+    return {
+        "windows": windows,
+        "summary": s,
+        "per_window": {m: v.mean(0).tolist() for m, v in by_seed.items()},
+        "per_window_min": {m: v.min(0).tolist() for m, v in by_seed.items()},
+        "per_window_max": {m: v.max(0).tolist() for m, v in by_seed.items()},
+        "per_seed": runs,
+    }
 
 
 def _fmt(v: list[float] | None, pct: bool = False) -> str:

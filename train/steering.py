@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sfpp.pipeline import Pipeline
-from train.world import BACKGROUNDS, COLOURS, render, sample_spec
+from train.world import BACKGROUNDS, COLOURS, eval_specs, frames_uint8, render
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "sfpp" / "assets" / "default"
 
@@ -99,10 +99,9 @@ def continuation(pipe: Pipeline, videos: int, given: int, new: int) -> dict:
     the object's colour contrast at its true position (relative to the world's own contrast) and the distance
     from its true centre to the centroid of its colour; the same for a stream of the same prompt without the
     clip (control). Frames given..given+new are generated."""
-    specs = [sample_spec(7_000_000 + i) for i in range(videos)]
+    specs = eval_specs(0, videos)
     prompts = [s.prompt() for s in specs]
-    world = torch.stack([render(s, given + new, 32) for s in specs])
-    world = ((world.permute(0, 1, 3, 4, 2) + 1) * 127.5).round().byte()  # [B, T, H, W, 3]
+    world = frames_uint8(torch.stack([render(s, given + new, 32) for s in specs]))  # [B, T, H, W, 3]
     cont = pipe(prompts, video=world[:, :given], num_frames=new, seed=2, progress=False).frames.numpy()
     ctrl = pipe(prompts, num_frames=given + new, seed=2, progress=False).frames.numpy()
     frames = np.arange(given - 4, given + new)

@@ -136,6 +136,17 @@ def render(spec: WorldSpec, num_frames: int, size: int = 32, start: int = 0) -> 
     return (image.clamp(0, 1) * 2 - 1).contiguous()
 
 
+def frames_uint8(video: Tensor) -> Tensor:
+    """Rendered frames [..., 3, H, W] in [-1, 1] -> uint8 [..., H, W, 3], the pipeline's frame format."""
+    return ((video.movedim(-3, -1) + 1) * 127.5).round().byte()
+
+
+def eval_specs(seed: int, num_prompts: int) -> list[WorldSpec]:
+    """The evaluation prompts of one evaluation seed (`train.evaluate`; seed 0's are also `train.endless`'s and
+    `train.steering`'s)."""
+    return [sample_spec(7_000_000 + 1000 * seed + i) for i in range(num_prompts)]
+
+
 def render_batch(seeds: list[int], num_frames: int, size: int = 32, start: int = 0) -> tuple[Tensor, list[str]]:
     """Videos [B, T, 3, S, S] and their prompts."""
     specs = [sample_spec(s) for s in seeds]
