@@ -1,6 +1,6 @@
-"""sfpp's install. The CUDA C++ ops (csrc/, built through CMakeLists.txt into sfpp/_cuda_ops) are compiled when nvcc,
-cmake and pybind11 are present and skipped with a message otherwise; SFPP_BUILD_CUDA=1 forces the build (failing
-loudly), SFPP_BUILD_CUDA=0 skips it. SFPP_CUDA_ARCHS picks the architectures (default "80;90a")."""
+"""sfpp's install. The CUDA C++ ops (csrc/, built through CMakeLists.txt into sfpp/kernels/_cuda_ops) are compiled
+when nvcc, cmake and pybind11 are present and skipped with a message otherwise; SFPP_BUILD_CUDA=1 forces the build
+(failing loudly), SFPP_BUILD_CUDA=0 skips it. SFPP_CUDA_ARCHS picks the architectures (default "80;90a")."""
 
 import os
 import re
@@ -34,7 +34,7 @@ def _cuda_extensions() -> list[Extension]:
     mode = os.environ.get("SFPP_BUILD_CUDA", "auto")
     reason = "SFPP_BUILD_CUDA=0" if mode == "0" else _why_no_cuda_build()
     if reason is None:
-        return [Extension("sfpp._cuda_ops", sources=[])]
+        return [Extension("sfpp.kernels._cuda_ops", sources=[])]
     if mode == "1":
         raise RuntimeError(f"SFPP_BUILD_CUDA=1 but the CUDA ops cannot be built: {reason}")
     print(f"sfpp: skipping the CUDA C++ ops ({reason}); the triton and torch backends remain", file=sys.stderr)
@@ -62,13 +62,16 @@ setup(
     version=VERSION,
     description="Streaming autoregressive video diffusion: Self-Forcing++ on a Wan2.1 DiT",
     python_requires=">=3.10",
-    packages=find_packages(include=["sfpp", "sfpp.*", "kernels", "kernels.*", "train", "train.*", "bench", "bench.*"]),
-    package_data={"sfpp": ["assets/**/*", "dispatch_table.json"]},
+    # Only the sfpp namespace is installed: train/ and bench/ run from the checkout (`python -m train`, `python -m
+    # bench...`), since bare top-level names like theirs belong to other packages on the index.
+    packages=find_packages(include=["sfpp", "sfpp.*"]),
+    package_data={"sfpp": ["assets/**/*", "engine/dispatch_table.json", "cli/page.html"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "av", "aiohttp>=3.9"],  # aiohttp: sfpp serve
     extras_require={
         # triton: the kernels' CPU tests run them in Triton's interpreter; pybind11/cmake: the CUDA build test
         "test": [
-            *["pytest", "diffusers>=0.35", "transformers", "ruff", "pytest-benchmark", "tokenizers"],
+            *["pytest", "diffusers>=0.35", "transformers", "pytest-benchmark", "tokenizers"],
+            *["ruff", "import-linter>=2.1"],  # CI's linters: style, and the floors (pyproject.toml)
             *["triton", "pybind11", "cmake"],
             *["opencv-python-headless", "matplotlib"],  # the training stack's smoke tests
             "flashdreams==0.1.0",  # its TAEHV: the tiny decoder's test oracle (pure Python; pulls boto3, loguru, tyro)

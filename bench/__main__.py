@@ -2,7 +2,8 @@
 
 import sys
 
-from bench import chunk_step, e2e
+from bench import chunk_step
+from sfpp.benchmark import e2e
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

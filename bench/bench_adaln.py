@@ -1,4 +1,4 @@
-"""Fused adaLN modulate (LayerNorm + per-frame shift/scale + cast, `sfpp.ops.adaln_modulate`): ours (triton)
+"""Fused adaLN modulate (LayerNorm + per-frame shift/scale + cast, `sfpp.engine.ops.adaln_modulate`): ours (triton)
 against the torch reference (the model's own eager path) and a plain copy of the same bytes (x fp32 -> out dtype)
 measured in the same run, at a Wan 1.3B chunk (B=1, 3 frames x 1560 tokens, D=1536, bf16 out) and a larger batch.
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print("no CUDA device: smoke run at a tiny size (torch, Triton interpreter); nothing saved")
         args.batches, args.frames, args.tokens, args.dim = [1], 2, 5, 48
-    from sfpp import ops
+    from sfpp.engine import ops
 
     dtype = DTYPES[args.dtype]
     rows, timed = [], {}

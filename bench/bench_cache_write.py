@@ -20,8 +20,9 @@ import torch
 
 from bench.bench_ring_attention import bench_ms
 from bench.common import dispatch_meta, save
-from sfpp.cache import RingKVCache
-from sfpp.model import WanConfig, rope_table
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.rope import rope_table
+from sfpp.models.dit import WanConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print("no CUDA device: smoke run at a tiny size (torch reference, Triton interpreter); nothing saved")
         cfg, args.height, args.width, args.frames, args.window = WanConfig(dim=48, num_heads=3), 2, 2, 2, 3
-    from sfpp import ops
+    from sfpp.engine import ops
 
     tokens = args.height * args.width
     length = args.frames * tokens

@@ -1,5 +1,6 @@
-"""Streaming decode time per chunk: the tiny decoder (TAEHV, sfpp.taehv) against the Wan VAE decoder (sfpp.vae), in
-the same run, on random weights at the real channel configurations (the time does not depend on the values).
+"""Streaming decode time per chunk: the tiny decoder (TAEHV, sfpp.models.taehv) against the Wan VAE decoder
+(sfpp.models.vae), in the same run, on random weights at the real channel configurations (the time does not depend
+on the values).
 
     python -m bench.bench_decoders                            # GPU: 832x480 video = 60x104 latents, bf16
     python -m bench.bench_decoders --height 16 --width 16     # CPU: a small size, fp32
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 
 from bench.common import save
-from sfpp.taehv import TAEHVDecoder
-from sfpp.vae import WanVAE
+from sfpp.models.taehv import TAEHVDecoder
+from sfpp.models.vae import WanVAE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,6 +1,6 @@
 """Ring attention of one chunk over the valid prefix of the KV cache, at each fill level: ours (Triton, every GPU tile
-configuration, bf16 and fp8 K/V) against the torch backend of `sfpp.ops` (SDPA over the prefix, no mask), each SDPA
-backend, FlexAttention, flash-attn and xformers where installed, measured in one run.
+configuration, bf16 and fp8 K/V) against the torch backend of `sfpp.engine.ops` (SDPA over the prefix, no mask), each
+SDPA backend, FlexAttention, flash-attn and xformers where installed, measured in one run.
 
     python -m bench.bench_ring_attention                      # Wan 1.3B: 4680 queries, 12 heads of 128
     python -m bench.bench_ring_attention --windows 3 6 12 21  # fill levels: 3 frames (first chunk) .. 21 (full)
@@ -44,10 +44,10 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def providers(q, k, v, rows: int, device: torch.device) -> dict:
     """name -> zero-argument callable, for every provider that can run here; keys attend over k/v[:, :rows]."""
-    from kernels import _device
-    from kernels.ring_attention import TILES, ring_attention
-    from sfpp.attention import ring_attention_ref
-    from sfpp.fp8 import quantize_fp8
+    from sfpp.kernels import _device
+    from sfpp.kernels.fp8 import quantize_fp8
+    from sfpp.kernels.reference import ring_attention_ref
+    from sfpp.kernels.ring_attention import TILES, ring_attention
 
     kr, vr = k[:, :rows], v[:, :rows]
     valid = torch.tensor(rows, device=device)
@@ -60,7 +60,7 @@ def providers(q, k, v, rows: int, device: torch.device) -> dict:
         out[f"triton-bf16-{name}"] = lambda tile=tile: ring_attention(q, k, v, valid, tile=tile)
         if arch is None or arch >= 89:
             out[f"triton-fp8-{name}"] = lambda tile=tile: ring_attention(q, k8, v8, valid, ks, vs, tile=tile)
-    out["torch"] = lambda: ring_attention_ref(q, k, v, rows)  # sfpp.ops' torch backend: SDPA over the prefix
+    out["torch"] = lambda: ring_attention_ref(q, k, v, rows)  # sfpp.engine.ops' torch backend: SDPA over the prefix
     out["torch-fp8"] = lambda: ring_attention_ref(q, k8, v8, rows, ks, vs)  # dequantize the prefix, then SDPA
     if device.type != "cuda":
         return out
@@ -106,7 +106,7 @@ def providers(q, k, v, rows: int, device: torch.device) -> dict:
 
 def record_dispatch(rows: list[dict], device: torch.device, table: Path | None) -> dict:
     """The fastest of ours (best tile) and the torch backend at the steady state, bf16 and fp8, into the table."""
-    from sfpp import ops
+    from sfpp.engine import ops
 
     window = max(r["window"] for r in rows)
     at = {r["provider"]: r["ms"] for r in rows if r["window"] == window}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bench.common import save
-from sfpp.serve import DEFAULT_PROMPT
+from sfpp.cli.serve import DEFAULT_PROMPT
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -44,9 +44,9 @@ def steps(smoke: bool, out: Path) -> list[Step]:
             Step("ring_attention", ("bench.bench_ring_attention", *o), 120),  # shrinks itself without a GPU
             Step("cache_write", ("bench.bench_cache_write", "--height", "4", "--width", "4", "--window", "3", *o), 120),
             Step("adaln", ("bench.bench_adaln", "--batches", "1", "--tokens", "16", "--dim", "64", *o), 120),
-            Step("e2e", ("bench.e2e", "--config", "tiny", "--height", "32", "--width", "32", "--vae-base-dim", "8",
-                         "--chunks", "2", "--long-frames", "12", "--modes", "eager", "--kv-dtypes", "fp32",
-                         "--window", "6", *o), 300),  # fmt: skip
+            Step("e2e", ("sfpp.benchmark.e2e", "--config", "tiny", "--height", "32", "--width", "32",
+                         "--vae-base-dim", "8", "--chunks", "2", "--long-frames", "12", "--modes", "eager",
+                         "--kv-dtypes", "fp32", "--window", "6", *o), 300),  # fmt: skip
             Step("decoders", ("bench.bench_decoders", "--height", "2", "--width", "2", "--chunks", "1", *o), 120),
         ]
     gpu_tests = ("tests/test_gpu.py", "tests/test_graph.py", "tests/test_csrc.py", "tests/test_kernels_model.py",
@@ -58,8 +58,8 @@ def steps(smoke: bool, out: Path) -> list[Step]:
         Step("adaln", ("bench.bench_adaln", *o), 30),
         # Both regimes in one run: the 81-frame video (7 chunks while the ring fills) and the steady state out to
         # 900 latent frames (chunk 300), sfpp's default path, fp8 KV, eager, and Self-Forcing's path.
-        Step("e2e", ("bench.e2e", "--modes", "graph,eager", "--kv-dtypes", "bf16,fp8", "--long-frames", "900", *o),
-             240),  # fmt: skip
+        Step("e2e", ("sfpp.benchmark.e2e", "--modes", "graph,eager", "--kv-dtypes", "bf16,fp8",
+                     "--long-frames", "900", *o), 240),  # fmt: skip
         # Tiny decoder (TAEHV) vs the Wan VAE decoder, ms per 3-latent-frame chunk at 832x480, bf16.
         Step("decoders", ("bench.bench_decoders", *o), 180),
     ]

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from bench.common import save
-from sfpp.cache import RingKVCache
-from sfpp.model import CONFIGS, WanModel, get_config
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.sampler import FlowMatchSchedule, denoise_chunk, draw_noises
+from sfpp.models.dit import CONFIGS, WanModel, get_config
 from sfpp.pipeline import DTYPES
-from sfpp.sampler import FlowMatchSchedule, denoise_chunk, draw_noises
 
 
 def sync(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-// Thin pybind11 bindings: Python (sfpp/ops.py) passes raw device pointers, element strides, sizes and the CUDA
+// Thin pybind11 bindings: Python (sfpp/engine/ops.py) passes raw device pointers, element strides, sizes and the CUDA
 // stream as integers in a dict; no torch types cross this boundary.
 #include <pybind11/pybind11.h>
 

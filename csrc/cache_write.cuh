@@ -8,7 +8,7 @@
 
 namespace sfpp {
 
-constexpr float kFp8Max = 448.f;  // largest finite e4m3, as sfpp/fp8.py (FP8_MAX)
+constexpr float kFp8Max = 448.f;  // largest finite e4m3, as sfpp/kernels/fp8.py (FP8_MAX)
 
 __device__ inline float block_sum(float v, float* shared) {  // all threads get the sum; shared has 32 floats
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

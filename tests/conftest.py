@@ -11,7 +11,7 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest
 import torch
 
-from sfpp.model import WanConfig, WanModel
+from sfpp.models.dit import WanConfig, WanModel
 
 
 def require_triton() -> None:

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfpp.attention import cache_and_chunk_attention
-from sfpp.cache import RingKVCache
-from sfpp.model import WanConfig, WanModel
+from sfpp.engine.attention import cache_and_chunk_attention
+from sfpp.engine.cache import RingKVCache
+from sfpp.models.dit import WanConfig, WanModel
 
 
 def _reference(q, k_cache, v_cache, valid, k_new, v_new):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import TEST_CONFIG, randomize_
 
-from bench.baseline import SelfForcingBaseline
-from sfpp.cache import RingKVCache
-from sfpp.graph import ChunkRunner
-from sfpp.model import WanModel
-from sfpp.sampler import FlowMatchSchedule
+from sfpp.benchmark.baseline import SelfForcingBaseline
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.graph import ChunkRunner
+from sfpp.engine.sampler import FlowMatchSchedule
+from sfpp.models.dit import WanModel
 
 
 @pytest.mark.parametrize("sink", [0, 1])
@@ -35,7 +35,7 @@ def test_baseline_equals_sfpp(sink):
 
 def _help_smoke_command() -> list[str]:
     """The CPU smoke command that `sfpp bench --help` prints, as arguments after `sfpp`."""
-    from bench import e2e
+    from sfpp.benchmark import e2e
 
     doc = e2e.__doc__.replace("\\\n", " ")
     (line,) = [line for line in doc.splitlines() if "# CPU smoke" in line]
@@ -74,7 +74,7 @@ TINY = ["--config", "tiny", "--height", "32", "--width", "32", "--vae-base-dim",
 def test_bench_bf16_kv_cache_on_cpu_writes_to_the_current_directory(tmp_path, monkeypatch, capsys):
     """A bf16 cache runs its DiT in bf16 (the ring holds K/V in the DiT's dtype), whatever --dtype; the JSON lands
     in the current directory, not in the checkout."""
-    from bench import e2e
+    from sfpp.benchmark import e2e
 
     monkeypatch.chdir(tmp_path)
     assert e2e.main([*TINY, "--modes", "eager", "--kv-dtypes", "bf16,fp32", "--dtype", "float32"]) == 0
@@ -86,7 +86,7 @@ def test_bench_bf16_kv_cache_on_cpu_writes_to_the_current_directory(tmp_path, mo
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU cannot run")
 def test_bench_skips_what_the_device_cannot_run(tmp_path, capsys):
-    from bench import e2e
+    from sfpp.benchmark import e2e
 
     assert e2e.main([*TINY, "--modes", "graph,compile", "--kv-dtypes", "fp8", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_bench_skips_what_the_device_cannot_run(tmp_path, capsys):
 
 
 def test_bench_failed_variant_exits_1_unless_keep_going(tmp_path, monkeypatch, capsys):
-    from bench import e2e
+    from sfpp.benchmark import e2e
     from sfpp.cli import main
 
     def broken(self, mode, kv, long):
@@ -112,7 +112,7 @@ def test_bench_failed_variant_exits_1_unless_keep_going(tmp_path, monkeypatch, c
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU's defaults")
 def test_bench_defaults_are_sfpp_generate_defaults_on_cpu():
-    from bench.e2e import parse
+    from sfpp.benchmark.e2e import parse
 
     args = parse([])
     assert (args.dtype, args.kernels, args.modes, args.kv_dtypes) == ("float32", "none", ["eager", "compile"],
@@ -120,7 +120,7 @@ def test_bench_defaults_are_sfpp_generate_defaults_on_cpu():
 
 
 def test_bench_bad_arguments(capsys):
-    from bench.e2e import parse
+    from sfpp.benchmark.e2e import parse
 
     with pytest.raises(SystemExit):
         parse(["--height", "40"])

@@ -5,12 +5,12 @@ import pytest
 import torch
 from conftest import TEST_CONFIG, randomize_
 
-from bench.baseline import SelfForcingBaseline
-from sfpp.cache import RingKVCache
-from sfpp.graph import ChunkRunner
-from sfpp.model import WanModel
-from sfpp.sampler import FlowMatchSchedule
-from sfpp.vae import WanVAE, WanVAEConfig
+from sfpp.benchmark.baseline import SelfForcingBaseline
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.graph import ChunkRunner
+from sfpp.engine.sampler import FlowMatchSchedule
+from sfpp.models.dit import WanModel
+from sfpp.models.vae import WanVAE, WanVAEConfig
 
 pytest.importorskip("pytest_benchmark")
 SHAPE = (1, 16, 2, 4, 6)

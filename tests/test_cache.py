@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from sfpp.attention import block_causal_mask, ring_attention_ref
-from sfpp.cache import RingKVCache
+from sfpp.engine.attention import block_causal_mask
+from sfpp.engine.cache import RingKVCache
+from sfpp.kernels.reference import ring_attention_ref
 
 
 def make_inputs(cfg, batch, frames, h=4, w=4, seed=0):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sfpp.checkpoint import CheckpointError, load_file, load_weights
-from sfpp.model import WanModel
+from sfpp.models.checkpoint import CheckpointError, load_file, load_weights
+from sfpp.models.dit import WanModel
 from sfpp.pipeline import Pipeline
 
 
@@ -31,7 +31,7 @@ def test_unexpected_and_mismatched(model, cfg):
 def test_wrong_model_size(cfg):
     small = WanModel(cfg).state_dict()
     with torch.device("meta"):
-        from sfpp.model import get_config
+        from sfpp.models.dit import get_config
 
         big = WanModel(get_config("wan2.1-1.3b"))
     with pytest.raises(CheckpointError, match="shape mismatches"):

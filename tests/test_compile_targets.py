@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for the GPUs it targets, without one: each launcher's real launch at the production
 shapes (Wan2.1-1.3B at 832x480, the shipped toy model), bf16 and fp8 K/V, is compiled ahead of time for sm_90 and
-sm_80 by `kernels.aot` (Triton's own specialization: the divisibility hints, tiles, warps and stages the launch
+sm_80 by `bench.aot` (Triton's own specialization: the divisibility hints, tiles, warps and stages the launch
 passes), every tile the ring-attention launcher can choose is among them, and the Hopper hot loop of ring attention
 is what the roofline needs: K/V tiles by asynchronous copies, warpgroup MMAs, no register-to-shared round trip.
 A kernel only Triton's interpreter accepts fails here. The compiles run once per session in two subprocesses
@@ -19,8 +19,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.aot import SHARED_LIMIT, cases  # noqa: E402
-from kernels.ring_attention import TILES  # noqa: E402
+from bench.aot import SHARED_LIMIT, cases  # noqa: E402
+from sfpp.kernels.ring_attention import TILES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = cases()
@@ -38,7 +38,7 @@ def compiled(tmp_path_factory) -> tuple[dict, Path]:
     """{case name: record} and the folder of TTGIR files, for every case, compiled once."""
     out = tmp_path_factory.mktemp("aot")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "kernels.aot", "--out", str(out), "--shard", f"{i}/{JOBS}"],
+        subprocess.Popen([sys.executable, "-m", "bench.aot", "--out", str(out), "--shard", f"{i}/{JOBS}"],
                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(JOBS)
     ]  # fmt: skip
@@ -136,7 +136,7 @@ def test_a_kernel_only_the_interpreter_accepts_fails_to_compile(tmp_path):
         """
         import torch
         import global_kernel
-        from kernels.aot import compile_launch, intercept
+        from bench.aot import compile_launch, intercept
 
         with intercept(global_kernel.kernel) as calls:
             global_kernel.kernel[(1,)](torch.ones(1))

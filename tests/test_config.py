@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sfpp.model import CONFIGS, WanConfig, WanModel, get_config
+from sfpp.models.dit import CONFIGS, WanConfig, WanModel, get_config
 
 
 def wan_checkpoint_keys(num_layers: int) -> set[str]:
@@ -62,7 +62,7 @@ def test_wan_1_3b_parameter_names_and_shapes():
 
 def test_wan_1_3b_shapes_match_diffusers_on_meta():
     diffusers = pytest.importorskip("diffusers")
-    from sfpp.checkpoint import convert_diffusers_to_wan
+    from sfpp.models.checkpoint import convert_diffusers_to_wan
 
     with torch.device("meta"):
         ours = WanModel(get_config("wan2.1-1.3b")).state_dict()

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfpp import ops
-from sfpp.cache import RingKVCache
-from sfpp.model import WanConfig, rope_table
+from sfpp.engine import ops
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.rope import rope_table
+from sfpp.models.dit import WanConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import TEST_CONFIG, randomize_
 
-from sfpp.cache import RingKVCache
-from sfpp.model import WanModel
+from sfpp.engine.cache import RingKVCache
+from sfpp.models.dit import WanModel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from conftest import TEST_CONFIG, randomize_
 
-from sfpp.cache import RingKVCache
-from sfpp.graph import ChunkRunner
-from sfpp.model import WanModel
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.graph import ChunkRunner
+from sfpp.engine.sampler import FlowMatchSchedule, denoise_chunk, draw_noises
+from sfpp.models.dit import WanModel
+from sfpp.models.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.pipeline import Pipeline, StreamSettings
-from sfpp.sampler import FlowMatchSchedule, denoise_chunk, draw_noises
-from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.video import LatentPreviewDecoder
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -91,7 +91,7 @@ def test_out_of_memory_message(monkeypatch):
 
 def test_out_of_memory_estimate_for_the_real_model():
     """The 1.3B model at 832x480, window 21: ~2.6 GiB of bf16 weights and ~5.7 GiB of bf16 self-attention cache."""
-    from sfpp.model import get_config
+    from sfpp.models.dit import get_config
 
     with torch.device("meta"):
         model = WanModel(get_config("wan2.1-1.3b")).to(torch.bfloat16)

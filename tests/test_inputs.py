@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sfpp.checkpoint import CheckpointError
 from sfpp.cli import main
+from sfpp.models.checkpoint import CheckpointError
 from sfpp.pipeline import Pipeline, check_device, device_defaults
 from sfpp.video import export_to_video
 

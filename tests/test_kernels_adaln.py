@@ -13,11 +13,12 @@ require_triton()
 
 from conftest import TEST_CONFIG, randomize_  # noqa: E402
 
-import kernels.adaln  # noqa: E402
-from kernels.adaln import adaln_modulate, adaln_modulate_ref  # noqa: E402
-from sfpp import ops  # noqa: E402
-from sfpp.cache import RingKVCache  # noqa: E402
-from sfpp.model import WanBlock, WanModel, _modulate  # noqa: E402
+import sfpp.kernels.adaln as adaln_module  # noqa: E402
+from sfpp.engine import ops  # noqa: E402
+from sfpp.engine.cache import RingKVCache  # noqa: E402
+from sfpp.kernels.adaln import adaln_modulate  # noqa: E402
+from sfpp.kernels.reference import adaln_modulate_ref  # noqa: E402
+from sfpp.models.dit import WanBlock, WanModel, _modulate  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -136,8 +137,8 @@ def test_model_chunk_runs_the_kernel(monkeypatch, dtype, tol):
     """Under use_kernels("triton") every block (twice) and the head call the kernel, and the chunk output still
     matches the torch path; with autograd on the torch path runs and the kernel is never called."""
     calls = []
-    launcher = kernels.adaln.adaln_modulate
-    monkeypatch.setattr(kernels.adaln, "adaln_modulate", lambda *a, **k: calls.append(a[4]) or launcher(*a, **k))
+    launcher = adaln_module.adaln_modulate
+    monkeypatch.setattr(adaln_module, "adaln_modulate", lambda *a, **k: calls.append(a[4]) or launcher(*a, **k))
     model = randomize_(WanModel(TEST_CONFIG)).to(DEVICE, dtype).eval()
     with torch.no_grad():
         ref = _chunks(model, dtype)

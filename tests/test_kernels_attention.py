@@ -8,10 +8,11 @@ from conftest import require_triton  # noqa: E402
 
 require_triton()
 
-from kernels.ring_attention import TILES, ring_attention, ring_attention_ref  # noqa: E402
-from sfpp.cache import RingKVCache  # noqa: E402
-from sfpp.fp8 import dequantize_fp8, quantize_fp8  # noqa: E402
-from sfpp.model import WanConfig  # noqa: E402
+from sfpp.engine.cache import RingKVCache  # noqa: E402
+from sfpp.kernels.fp8 import dequantize_fp8, quantize_fp8  # noqa: E402
+from sfpp.kernels.reference import ring_attention_ref  # noqa: E402
+from sfpp.kernels.ring_attention import TILES, ring_attention  # noqa: E402
+from sfpp.models.dit import WanConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -199,7 +200,7 @@ def test_ring_attention_rejects_bad_inputs(monkeypatch):
         ring_attention(q, k, k, torch.tensor([8]))
     with pytest.raises(ValueError, match="valid_rows must be in"):
         ring_attention_ref(q, k, k, 9)
-    from kernels import _device
+    from sfpp.kernels import _device
 
     monkeypatch.setattr(_device, "arch", lambda device: 80)
     k8, ks = quantize_fp8(k)

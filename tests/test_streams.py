@@ -12,13 +12,14 @@ import torch
 from conftest import TEST_CONFIG, randomize_
 
 import sfpp
-from sfpp.cache import RingKVCache
-from sfpp.graph import ChunkRunner
-from sfpp.model import WanModel, apply_rope
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.graph import ChunkRunner
+from sfpp.engine.rope import apply_rope
+from sfpp.engine.sampler import FlowMatchSchedule
+from sfpp.engine.stream import prepare_video
+from sfpp.models.dit import WanModel
+from sfpp.models.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.pipeline import Pipeline, StreamSettings
-from sfpp.sampler import FlowMatchSchedule
-from sfpp.stream import prepare_video
-from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.video import LatentPreviewDecoder
 from train.world import COLOURS, WorldObject, WorldSpec, frames_uint8, render
 
@@ -391,7 +392,7 @@ def test_continue_from_an_image_and_resize():
 def test_continue_with_the_wan_vae():
     """Wan's VAE encodes 1 + 4k frames (the last ones of a longer clip) and its decoder continues from them: the
     first new chunk decodes to 4 frames per latent frame, not 1 + 4 (n) as a video's first chunk does."""
-    from sfpp.vae import WanVAE, WanVAEConfig
+    from sfpp.models.vae import WanVAE, WanVAEConfig
 
     torch.manual_seed(0)
     model = randomize_(WanModel(TEST_CONFIG), scale=0.1)

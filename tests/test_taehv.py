@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from sfpp import Pipeline, StreamSettings
-from sfpp.checkpoint import CheckpointError
-from sfpp.cli import DEFAULT_MODEL_DIR, main
-from sfpp.taehv import TAEHVDecoder
+from sfpp.cli import main
+from sfpp.cli.options import DEFAULT_MODEL_DIR
+from sfpp.models.checkpoint import CheckpointError
+from sfpp.models.taehv import TAEHVDecoder
 from sfpp.video import num_latent_frames
 
 

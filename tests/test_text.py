@@ -10,8 +10,8 @@ import zlib
 import pytest
 import torch
 
+from sfpp.models.text import WORD, ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.pipeline import SHIPPED_MODELS
-from sfpp.text import WORD, ByteTextEncoder, ByteTextEncoderConfig
 
 shipped = pytest.mark.skipif(
     not (SHIPPED_MODELS["default"] / "sfpp_pipeline.json").is_file(), reason="no shipped default model"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from sfpp.cache import RingKVCache
-from sfpp.checkpoint import CheckpointError
-from sfpp.model import WanModel
-from sfpp.sampler import FlowMatchSchedule
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.sampler import FlowMatchSchedule
+from sfpp.models.checkpoint import CheckpointError
+from sfpp.models.dit import WanModel
 from train import rollout as R
 from train.common import Dist, load_checkpoint, save_checkpoint
 from train.config import DMDConfig, get_recipe
@@ -123,14 +123,14 @@ def test_window_gradient_replay_is_the_rollout(noise_step, exit_step, context_no
         ours and all(torch.isfinite(g).all() for g in ours) and model.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
     )
 
-    import sfpp.model
+    import sfpp.models.dit
 
     def concat_reference(q, k_cache, v_cache, valid, k_new, v_new, block):
         k = torch.cat([k_cache[:, valid], k_new], 1).transpose(1, 2)
         v = torch.cat([v_cache[:, valid], v_new], 1).transpose(1, 2)
         return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v).transpose(1, 2)
 
-    monkeypatch.setattr(sfpp.model, "cache_and_chunk_attention", concat_reference)
+    monkeypatch.setattr(sfpp.models.dit, "cache_and_chunk_attention", concat_reference)
     model.zero_grad(set_to_none=True)
     R.window_backward(model, cache, window, grad, schedule)
     theirs = [p.grad for p in model.parameters() if p.grad is not None]

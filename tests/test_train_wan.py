@@ -10,8 +10,8 @@ import torch
 from conftest import randomize_
 from safetensors.torch import load_file, save_file
 
-from sfpp.model import WanConfig, WanModel
-from sfpp.vae import WanVAE, WanVAEConfig
+from sfpp.models.dit import WanConfig, WanModel
+from sfpp.models.vae import WanVAE, WanVAEConfig
 from train.common import Dist
 from train.config import DMDConfig, GRPOConfig, ODEConfig, extended_dmd, get_recipe
 from train.stages import STAGES, run_stage

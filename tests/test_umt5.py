@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfpp.checkpoint import CheckpointError
+from sfpp.models.checkpoint import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from sfpp.umt5 import UMT5TextEncoder, clean_prompt, convert_wan_t5_to_transformers  # noqa: E402
+from sfpp.models.umt5 import UMT5TextEncoder, clean_prompt, convert_wan_t5_to_transformers  # noqa: E402
 
 WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "ball", "bounces", "two", "blue", "cubes", "on", "the", "floor"]
 DIM, HEADS, FFN, LAYERS, BUCKETS = 32, 4, 48, 2, 32

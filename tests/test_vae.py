@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sfpp.vae import WanVAE, WanVAEConfig
+from sfpp.models.vae import WanVAE, WanVAEConfig
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: E402

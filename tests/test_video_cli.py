@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from sfpp import cli
-from sfpp.cli import DEFAULT_MODEL_DIR, main
+from sfpp.cli import generate as generate_command
+from sfpp.cli import main
+from sfpp.cli import options as cli_options
+from sfpp.cli.options import DEFAULT_MODEL_DIR
 from sfpp.pipeline import Pipeline
 from sfpp.video import export_to_video
 
@@ -144,7 +147,7 @@ def test_interrupted_export_keeps_the_existing_file_and_leaves_no_partial(tmp_pa
 def test_output_path_is_checked_before_generating(tmp_path, capsys, monkeypatch):
     """A bad -o fails in well under a second, before the model is even loaded."""
     loaded = []
-    monkeypatch.setattr(cli, "_load", lambda *a: loaded.append(1))
+    monkeypatch.setattr(generate_command, "load_pipeline", lambda *a: loaded.append(1))
     assert main(["generate", "-p", "x", "-o", str(tmp_path / "v.gif")]) == 2
     assert not loaded and "v.gif' ends in '.gif'" in capsys.readouterr().err
 
@@ -154,7 +157,7 @@ def test_random_weight_warnings_say_why(tmp_path, capsys, monkeypatch):
     Pipeline.from_config("tiny").save_pretrained(tmp_path / "m")
     assert main(["generate", "-p", "x", "-n", "1", "--quiet", "--model", str(tmp_path / "m"), "-o", out]) == 0
     assert f"the model in {tmp_path / 'm'} has RANDOM weights" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "DEFAULT_MODEL_DIR", tmp_path / "nothing")
+    monkeypatch.setattr(cli_options, "DEFAULT_MODEL_DIR", tmp_path / "nothing")
     assert main(["generate", "-p", "x", "-n", "1", "--quiet", "-o", out]) == 0
     assert "no trained model is installed" in capsys.readouterr().err
 
@@ -184,7 +187,7 @@ def test_cli_threads(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     args = ["generate", "-p", "x", "--config", "tiny", "-n", "1", "--quiet", "-o", str(tmp_path / "o.mp4")]
     assert main(args) == 0 and main([*args, "--threads", "2"]) == 0
-    assert calls == [cli.DEFAULT_CPU_THREADS, before, 2, before] and torch.get_num_threads() == before
+    assert calls == [cli_options.DEFAULT_CPU_THREADS, before, 2, before] and torch.get_num_threads() == before
 
 
 def _help_of_every_option(p: argparse.ArgumentParser) -> dict[str, str]:
@@ -192,7 +195,7 @@ def _help_of_every_option(p: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def test_every_option_has_help_and_the_size_rule_is_true():
-    from bench.e2e import parser as bench_parser
+    from sfpp.benchmark.e2e import parser as bench_parser
 
     generate = cli._parser()._subparsers._group_actions[0].choices["generate"]
     for p in (generate, bench_parser()):

@@ -9,11 +9,11 @@ import torch
 from conftest import randomize_
 from safetensors.torch import save_file
 
-from sfpp.checkpoint import CheckpointError
-from sfpp.model import WanConfig, WanModel
+from sfpp.models.checkpoint import CheckpointError
+from sfpp.models.dit import WanConfig, WanModel
+from sfpp.models.vae import WanVAE, WanVAEConfig
+from sfpp.models.wan_checkpoints import convert_diffusers_vae_to_wan, generator_state_dict, read_weights
 from sfpp.pipeline import Pipeline, StreamSettings
-from sfpp.vae import WanVAE, WanVAEConfig
-from sfpp.wan_checkpoints import convert_diffusers_vae_to_wan, generator_state_dict, read_weights
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -149,7 +149,7 @@ def test_sharded_weights_and_cast_on_read(parts, tmp_path):
     index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text(json.dumps(wan_config_json(CFG)))
-    from sfpp.wan_checkpoints import _dit
+    from sfpp.models.wan_checkpoints import _dit
 
     model = _dit(CFG, tmp_path, dtype=torch.bfloat16, load_weights=True)
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
@@ -162,7 +162,7 @@ def write_diffusers_layout(d, dit: WanModel, t5: dict, vae: WanVAE | None = None
     diffusers VAE when `vae` is None); returns the diffusers VAE."""
     import transformers
 
-    from sfpp.umt5 import convert_wan_t5_to_transformers, umt5_config_from_wan
+    from sfpp.models.umt5 import convert_wan_t5_to_transformers, umt5_config_from_wan
 
     cfg = dit.cfg
     (d / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from sfpp.checkpoint import CheckpointError, check_state_dict, load_file
+from sfpp.models.checkpoint import CheckpointError, check_state_dict, load_file
 
 
 @dataclass(frozen=True)

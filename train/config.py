@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from sfpp.model import WanConfig, get_config
-from sfpp.text import ByteTextEncoderConfig
+from sfpp.models.dit import WanConfig, get_config
+from sfpp.models.text import ByteTextEncoderConfig
 
 
 @dataclass(frozen=True)

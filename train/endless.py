@@ -53,7 +53,7 @@ def rebase_cost(pipe: Pipeline, prompt: str, repeats: int = 50) -> dict:
     """Median ms of a chunk (batch 1, window full) and of the re-base itself (`rotate_window_keys`, done once per
     `rope_max_positions - sink - window` frames), and the bytes a re-base moves for this model and for Wan2.1-1.3B
     at 832x480 in bf16 (computed)."""
-    from sfpp.model import get_config
+    from sfpp.models.dit import get_config
 
     stream = pipe.stream(prompt, seed=0, progress=False)
     chunk_ms, rotate_ms = [], []

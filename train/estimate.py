@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sfpp.model import WanConfig, WanModel, get_config
+from sfpp.models.dit import WanConfig, WanModel, get_config
 from train.common import Dist
 from train.config import DMDConfig, GRPOConfig, ODEConfig, Recipe, TeacherConfig, get_recipe
 from train.stages import STAGE_CLASSES, run_stage

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfpp.model import WanModel
+from sfpp.models.dit import WanModel
 from train import rollout as R
 from train.common import Dist
 from train.config import Recipe

@@ -11,9 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfpp.cache import RingKVCache
-from sfpp.model import WanModel
-from sfpp.sampler import FlowMatchSchedule, add_noise, context_pass, denoise_chunk, draw_noises, flow_to_x0, randn
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.sampler import (
+    FlowMatchSchedule,
+    add_noise,
+    context_pass,
+    denoise_chunk,
+    draw_noises,
+    flow_to_x0,
+    randn,
+)
+from sfpp.models.dit import WanModel
 
 
 def shifted_sigma(u: Tensor | float, shift: float) -> Tensor | float:

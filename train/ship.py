@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sfpp.model import WanModel
+from sfpp.engine.sampler import FlowMatchSchedule
+from sfpp.models.dit import WanModel
+from sfpp.models.text import ByteTextEncoder
 from sfpp.pipeline import SHIPPED_MODELS, Pipeline, StreamSettings
-from sfpp.sampler import FlowMatchSchedule
-from sfpp.text import ByteTextEncoder
 from train.config import Recipe
 from train.evaluate import STUDENTS
 from train.stages import load_module, world_codec
@@ -75,7 +75,7 @@ def model_card(recipe: Recipe, out: Path, stage: str) -> str:
 A block-causal Wan-architecture DiT (dim {m.dim}, {m.num_layers} layers, {m.num_heads} heads, ffn {m.ffn_dim}) that
 generates {recipe.frame_size}x{recipe.frame_size} video of the procedural world in `train/world.py` at {recipe.fps} fps,
 {recipe.frames_per_chunk} latent frames per chunk, 4 denoising steps (shift {recipe.shift:g}), over a rolling KV cache
-of {recipe.window} frames. Latents are the fixed patch-PCA codec of `sfpp/toy.py` ({f}x{f} pixel blocks,
+of {recipe.window} frames. Latents are the fixed patch-PCA codec of `sfpp/models/toy.py` ({f}x{f} pixel blocks,
 {m.in_channels} channels); prompts go through a word-level text encoder trained with the teacher.
 The shipped models are `default` (Self-Forcing++), `self-forcing` (the baseline) and `self-forcing++-grpo`:
 `Pipeline.from_pretrained(name)` or `sfpp generate --model name`.

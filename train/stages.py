@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfpp.cache import RingKVCache
-from sfpp.model import WanModel
-from sfpp.sampler import FlowMatchSchedule, flow_to_x0
-from sfpp.text import ByteTextEncoder
-from sfpp.toy import PatchPCACodec
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.sampler import FlowMatchSchedule, flow_to_x0
+from sfpp.models.dit import WanModel
+from sfpp.models.text import ByteTextEncoder
+from sfpp.models.toy import PatchPCACodec
 from train import rollout as R
 from train.common import (
     EMA,
@@ -72,7 +72,7 @@ def world_prompts(seeds: list[int]) -> list[str]:
 
 
 def load_module(module: nn.Module, path: Path) -> nn.Module:
-    from sfpp.checkpoint import load_file, load_weights
+    from sfpp.models.checkpoint import load_file, load_weights
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the stage that produces it first")
@@ -204,7 +204,7 @@ class Stage:
             return 0
         weights, state = found
         if state["recipe"] != asdict(self.recipe):
-            from sfpp.checkpoint import CheckpointError
+            from sfpp.models.checkpoint import CheckpointError
 
             raise CheckpointError(f"{self.dir / 'ckpt'} was written by a different recipe; use another --out")
         for name, model in self.models.items():

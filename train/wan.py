@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sfpp.model import WanModel
+from sfpp.models.dit import WanModel
 from train.common import Dist, info
 
 PROMPTS = "prompts.safetensors"
@@ -29,7 +29,7 @@ def _require(recipe) -> Path:
 
 def _load(recipe, *, dit: bool):
     """(DiT or a meta-device one, umT5 encoder, VAE) from either layout."""
-    from sfpp.wan_checkpoints import detect_layout, load_diffusers_directory, load_wan_directory
+    from sfpp.models.wan_checkpoints import detect_layout, load_diffusers_directory, load_wan_directory
 
     directory = _require(recipe)
     layout = detect_layout(directory)
@@ -79,7 +79,7 @@ class PromptTable:
     """Precomputed umT5 embeddings, looked up by prompt; "" is the unconditional (negative) prompt."""
 
     def __init__(self, out: Path, device: torch.device) -> None:
-        from sfpp.checkpoint import load_file
+        from sfpp.models.checkpoint import load_file
 
         final = Path(out) / "teacher" / "final"
         if not (final / PROMPTS).is_file():
@@ -106,7 +106,7 @@ def teacher(recipe, device: torch.device) -> WanModel:
 
 def student_init(recipe, device: torch.device) -> WanModel:
     """The student from a Self-Forcing checkpoint (`generator_ema`, else `generator`)."""
-    from sfpp.wan_checkpoints import load_checkpoint
+    from sfpp.models.wan_checkpoints import load_checkpoint
 
     with torch.device("meta"):
         model = WanModel(recipe.model)

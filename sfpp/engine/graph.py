@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sfpp.sampler import FlowMatchSchedule, denoise_chunk, draw_noises, num_noises, nvtx_range
+from sfpp.engine.sampler import FlowMatchSchedule, denoise_chunk, draw_noises, num_noises, nvtx_range
 
 
 class ChunkRunner:

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sfpp.fp8 import dequantize_fp8, quantize_fp8
+from sfpp.engine.rope import apply_rope, temporal_rotation
+from sfpp.kernels.fp8 import dequantize_fp8, quantize_fp8
 
-if TYPE_CHECKING:  # the model imports the ops, which import the cache: no runtime import of the model here
-    from sfpp.model import WanConfig
+if TYPE_CHECKING:  # for annotations only: the model sits a floor above the cache
+    from sfpp.models.dit import WanConfig
 
 __all__ = ["ChunkPlan", "LayerKV", "RingKVCache", "dequantize_fp8", "quantize_fp8"]
 
@@ -201,7 +202,6 @@ class RingKVCache(nn.Module):
         """Move every cached window key (not the sinks) by `shift` temporal RoPE positions, in place, layer by layer.
         An fp8 cache is dequantized, rotated and quantized again row by row."""
         t_dims = self.cfg.rope_split[0]
-        from sfpp.model import apply_rope, temporal_rotation  # once per re-base (rare), not per chunk: see above
 
         cos, sin = (x.to(self.k.device) for x in temporal_rotation(self.cfg, shift))
         rows = slice(self.sink * self.frame_tokens, None)

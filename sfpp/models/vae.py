@@ -306,7 +306,7 @@ class WanVAE(nn.Module):
     @classmethod
     def from_file(cls, path: str | Path, cfg: WanVAEConfig | None = None) -> WanVAE:
         """Load `Wan2.1_VAE.pth` (or our .safetensors) onto a meta-device model: no second copy in memory."""
-        from sfpp.checkpoint import load_file, load_weights
+        from sfpp.models.checkpoint import load_file, load_weights
 
         with torch.device("meta"):
             vae = cls(cfg)

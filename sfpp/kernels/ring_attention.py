@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import _device
-from kernels._cast import cast, to_e4m3
-from sfpp.attention import ring_attention_ref
-from sfpp.fp8 import FP8_MAX
+from sfpp.kernels import _device
+from sfpp.kernels._cast import cast, to_e4m3
+from sfpp.kernels.fp8 import FP8_MAX
+from sfpp.kernels.reference import ring_attention_ref
 
 __all__ = ["TILES", "Tile", "ring_attention", "ring_attention_ref", "tile_for"]
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sfpp.cache import RingKVCache
-from sfpp.graph import ChunkRunner
-from sfpp.sampler import add_noise, nvtx_range, randn
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.graph import ChunkRunner
+from sfpp.engine.sampler import add_noise, nvtx_range, randn
 
 
 @dataclass

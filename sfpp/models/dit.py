@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sfpp import ops
-from sfpp.attention import block_causal_mask, cache_and_chunk_attention, ring_attention_ref
-from sfpp.fp8 import dequantize_fp8, quantize_fp8
+from sfpp.engine import ops
+from sfpp.engine.attention import block_causal_mask, cache_and_chunk_attention
+from sfpp.engine.rope import apply_rope, rope_table
+from sfpp.kernels.fp8 import dequantize_fp8, quantize_fp8
+from sfpp.kernels.reference import ring_attention_ref
 
 
 @dataclass(frozen=True)
@@ -94,36 +96,6 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-def rope_frequencies(cfg: WanConfig) -> list[Tensor]:
-    """Angular frequencies (fp64, CPU) of the t, h and w axes: rope_split[a] / 2 of them each."""
-    return [
-        1.0 / cfg.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
-        for axis_dim in cfg.rope_split
-    ]
-
-
-def rope_table(cfg: WanConfig) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [rope_max_positions, head_dim/2]: columns are the t, h and w frequencies side by side."""
-    positions = torch.arange(cfg.rope_max_positions, dtype=torch.float64)
-    angles = torch.cat([torch.outer(positions, inv) for inv in rope_frequencies(cfg)], dim=1)
-    return torch.cos(angles).float(), torch.sin(angles).float()
-
-
-def temporal_rotation(cfg: WanConfig, shift: int) -> tuple[Tensor, Tensor]:
-    """cos/sin [1, rope_split[0] / 2] that move a key already rotated at temporal position p to p + shift: RoPE
-    rotations compose, R(p + shift) = R(shift) R(p). Applied by `apply_rope` to the first rope_split[0] dims."""
-    angles = shift * rope_frequencies(cfg)[0][None]
-    return torch.cos(angles).float(), torch.sin(angles).float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) as Wan does. x [B, L, H, D], cos/sin [L, D/2]."""
-    x32 = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = x32[..., 0], x32[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
-
-
 # ----------------------------------------------------------------------------------------------- layers
 
 
@@ -172,7 +144,7 @@ AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 class FusedAttend:
-    """Self-attention of one layer over the ring cache through `sfpp.ops` kernels: the fused cache write (q/k
+    """Self-attention of one layer over the ring cache through `sfpp.engine.ops` kernels: the fused cache write (q/k
     RMSNorm + RoPE from the model's tables at the chunk's frame positions + ring append), then ring attention."""
 
     def __init__(self, model: WanModel, cache, layer: int, plan, height: int, width: int, backend: str) -> None:
@@ -201,7 +173,7 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 def _norm_modulate(
     norm: FP32LayerNorm, x: Tensor, shift: Tensor, scale: Tensor, dtype: torch.dtype, kernels: str | None
 ) -> Tensor:
-    """norm(x), per-frame adaLN, cast to dtype: the torch path, or with `kernels` (a backend of `sfpp.ops`) the
+    """norm(x), per-frame adaLN, cast to dtype: the torch path, or with `kernels` (a backend of `sfpp.engine.ops`) the
     fused op."""
     if kernels is None:
         return _modulate(norm(x), shift, scale).to(dtype)
@@ -242,7 +214,7 @@ class WanBlock(nn.Module):
         kernels: str | None = None,
     ) -> Tensor:
         """x [B, F*L, dim] fp32 residual stream; e [B, F, 6, dim] fp32 per-frame modulation; kernels: the
-        `sfpp.ops` backend of the fused adaLN, or None for the torch path."""
+        `sfpp.engine.ops` backend of the fused adaLN, or None for the torch path."""
         dtype = self.ffn[0].weight.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e).chunk(6, dim=2)
 
@@ -294,7 +266,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self._rope: tuple[Tensor, Tensor] | None = None  # fp32 cos/sin tables, built on first use per device
-        self.kernels: str | None = None  # `use_kernels`: the sfpp.ops backend of forward_chunk's self-attention
+        self.kernels: str | None = None  # `use_kernels`: the sfpp.engine.ops backend of forward_chunk's self-attention
         self.checkpoint_blocks = False  # training: activation checkpointing per block (forwards with gradients)
 
     @property
@@ -427,9 +399,9 @@ class WanModel(nn.Module):
     # --- one chunk of the student over the KV cache
 
     def use_kernels(self, backend: str | None = "auto") -> WanModel:
-        """Run forward_chunk's self-attention and adaLN through the fused kernels of `sfpp.ops` ("auto", "triton",
-        "cuda", "torch" for their references), or None for the plain torch path (the default). Inference only: under
-        autograd forward_chunk keeps the torch path."""
+        """Run forward_chunk's self-attention and adaLN through the fused kernels of `sfpp.engine.ops` ("auto",
+        "triton", "cuda", "torch" for their references), or None for the plain torch path (the default). Inference
+        only: under autograd forward_chunk keeps the torch path."""
         self.kernels = backend
         return self
 

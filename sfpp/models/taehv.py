@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfpp.checkpoint import load_file, load_weights
+from sfpp.models.checkpoint import load_file, load_weights
 
 # Each memory block's last input frame [B, 1, C, H, W] of the chunk before, keyed by the block.
 MemoryState = dict[nn.Module, Tensor]

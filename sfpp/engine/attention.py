@@ -1,16 +1,11 @@
-"""Block-causal attention: the full-sequence mask and attention over the ring-buffer KV cache.
-
-The torch function below defines what ring attention means and is the torch backend of `sfpp.ops.ring_attention`,
-which dispatches to the Triton kernel (`kernels/ring_attention.py`) as chosen per model by `WanModel.use_kernels`.
-"""
+"""Block-causal attention in plain torch: the student's full-sequence mask, and the chunk's attention over the ring
+plus its own K/V with gradients (training rollouts). Inference attention over the ring is the op
+`sfpp.engine.ops.ring_attention`, whose meaning is `sfpp.kernels.reference.ring_attention_ref`."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from sfpp.fp8 import dequantize_fp8
 
 
 def block_causal_mask(
@@ -38,33 +33,6 @@ def block_causal_mask(
     if window is not None:
         visible &= (key < sink) | (key >= chunk_end[:, None] - window)
     return visible.repeat_interleave(frame_tokens, 0).repeat_interleave(frame_tokens, 1)
-
-
-def ring_attention_ref(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    valid_rows: int,
-    k_scale: Tensor | None = None,
-    v_scale: Tensor | None = None,
-) -> Tensor:
-    """Attention of the current chunk over everything the ring cache holds: its first `valid_rows` rows.
-
-    q [B, Lq, H, D] (RoPE applied); k_cache/v_cache [B, S*T, H, D], the current chunk already written. Slots fill
-    in order, so the valid rows are a prefix (`ChunkPlan.valid_rows_host`), in ring order rather than time order:
-    attention does not care, since positions live in the RoPE of K. SDPA over that prefix with no mask, so the
-    flash / cuDNN / memory-efficient backends apply; a host int keeps the shapes static per fill level. An fp8
-    cache comes with per-token-per-head scales k_scale/v_scale [B, S*T, H]: K = k_cache * k_scale.
-    """
-    if not 0 < valid_rows <= k_cache.shape[1]:
-        raise ValueError(f"valid_rows must be in [1, {k_cache.shape[1]}] (the cache rows), got {valid_rows}")
-    k, v = k_cache[:, :valid_rows], v_cache[:, :valid_rows]
-    if k_scale is not None:
-        k = dequantize_fp8(k, k_scale[:, :valid_rows], q.dtype)
-    if v_scale is not None:
-        v = dequantize_fp8(v, v_scale[:, :valid_rows], q.dtype)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------ training: cache + own chunk

@@ -12,7 +12,7 @@ on the device: the prompt embedding is made once beforehand, as the offloaded um
 - steady state (medians over the chunks after the ring has filled): DiT time, VAE streaming-decode time, FPS;
 - time per chunk against chunk index, out to --long-frames latent frames for the --long variants (flat: the ring
   never grows); peak GPU memory (torch.cuda.max_memory_allocated) over the variant.
-Variants: sfpp in each --modes x --kv-dtypes, and "baseline" (bench/baseline.py: Self-Forcing's path, its cache
+Variants: sfpp in each --modes x --kv-dtypes, and "baseline" (sfpp/benchmark/baseline.py: Self-Forcing's path, its cache
 rolled by copying, Wan-style VAE decoding one latent frame per call). Unless told otherwise it benchmarks what
 `sfpp generate` runs by default on the device (on CUDA: bf16, the fused kernels, CUDA graphs first). A variant the
 device cannot run (CUDA graphs on a CPU, ...) is skipped with the reason; a variant that fails makes the exit
@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-from bench.baseline import SelfForcingBaseline
-from bench.common import save
-from sfpp.cache import RingKVCache
-from sfpp.graph import ChunkRunner
-from sfpp.model import CONFIGS, WanModel, get_config
+from sfpp.benchmark.baseline import SelfForcingBaseline
+from sfpp.benchmark.record import save
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.graph import ChunkRunner
+from sfpp.engine.sampler import FlowMatchSchedule, num_noises, nvtx_range
+from sfpp.models.dit import CONFIGS, WanModel, get_config
+from sfpp.models.vae import WanVAE, WanVAEConfig
 from sfpp.pipeline import DTYPES, KERNELS, KV_DTYPES, check_device, device_defaults, unsupported
-from sfpp.sampler import FlowMatchSchedule, num_noises, nvtx_range
-from sfpp.vae import WanVAE, WanVAEConfig
 
 MODES = {
     "eager": {},
@@ -92,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kernels",
         choices=KERNELS,
-        help="sfpp.ops backend of the fused cache write, ring attention and adaLN; none: the plain torch path "
+        help="sfpp.engine.ops backend of the fused cache write, ring attention and adaLN; none: the plain torch path "
         "(default: auto on CUDA, none on a CPU, as sfpp generate)",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one, else cpu)")
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     runnable = [v for v in variants if skip_reason(h.device, *v) is None]
     if args.profile and runnable:
         record["profile"] = str(profile(h, *runnable[0], out_dir))
-    path = save("e2e", h.device, record, out_dir=out_dir)
+    path = save("e2e", h.device, record, out_dir, module="sfpp.benchmark.e2e")
     print(table(results))
     if summary:
         print(

@@ -9,7 +9,7 @@ What Self-Forcing's `CausalInferencePipeline` + `CausalWanModel` do per chunk, a
 - the text embedding recomputed every pass (the cross-attention K/V are cached after the first);
 - plain `scaled_dot_product_attention` over the cache slice (Self-Forcing calls FlashAttention; SDPA is the plain
   PyTorch path the issue asks for), and x0 = x_t - sigma * flow in float64.
-Everything else (norms, modulation, FFN, head) is the same math as `sfpp.model`, on the same modules.
+Everything else (norms, modulation, FFN, head) is the same math as `sfpp.models.dit`, on the same modules.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sfpp.model import WanModel, _gate, _modulate, sinusoidal_embedding
-from sfpp.sampler import FlowMatchSchedule, add_noise
+from sfpp.engine.sampler import FlowMatchSchedule, add_noise
+from sfpp.models.dit import WanModel, _gate, _modulate, sinusoidal_embedding
 
 
 def rope_params(max_len: int, dim: int, theta: float = 10000.0) -> Tensor:

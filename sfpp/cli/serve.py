@@ -29,10 +29,15 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import av
 import torch
 from aiohttp import WSMsgType, web
+
+from sfpp.cli.options import add_decoder_options, load_pipeline, why_random
+from sfpp.models.dit import CONFIGS
+from sfpp.pipeline import DTYPES
 
 # Each stream owns its KV cache, so streams on one Pipeline no longer disturb each other; but each costs a cache
 # (about 6 GB for Wan2.1-1.3B at 832x480 in bf16) and their chunks take turns on the device, so by default one runs
@@ -43,6 +48,8 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_PROMPT_CHARS = 2000
 FRAME_HEADER = struct.Struct(">II")  # chunk index, frame index
 DEFAULT_PROMPT = "a big red circle moving fast and a small blue square moving slowly over a striped grey background"
+# The page (page.html beside this file), with the default prompt in its prompt box.
+PAGE = Path(__file__).with_name("page.html").read_text().replace("__PROMPT__", html.escape(DEFAULT_PROMPT))
 
 
 def _stream_length(pipe) -> dict:
@@ -371,7 +378,7 @@ async def serve(pipe, host: str, port: int) -> None:
         await runner.cleanup()
 
 
-# --- command line (`sfpp serve`, wired in sfpp/cli.py)
+# --- command line (`sfpp serve`, wired in sfpp/cli/__init__.py)
 
 
 def _port(text: str) -> int:
@@ -385,10 +392,6 @@ def _port(text: str) -> int:
 
 
 def add_parser(sub) -> None:
-    from sfpp.cli import add_decoder_options  # sfpp.cli imports this module: import at call time
-    from sfpp.model import CONFIGS
-    from sfpp.pipeline import DTYPES
-
     p = sub.add_parser(
         "serve",
         help="serve a page that plays a stream live as it is generated and switches prompts on the fly",
@@ -406,111 +409,12 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sfpp.cli import _load, _why_random
-
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     if pipe.random_weights:
-        print(f"sfpp: warning: {_why_random(args)}: the video is noise.", file=sys.stderr)
+        print(f"sfpp: warning: {why_random(args)}: the video is noise.", file=sys.stderr)
     try:
         asyncio.run(serve(pipe, args.host, args.port))
     except OSError as exc:
         print(f"sfpp: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>sfpp live</title>
-<style>
-  body { font: 15px system-ui, sans-serif; margin: 24px; background: #15171a; color: #e8e8e8; }
-  input, button { font: inherit; padding: 4px 8px; }
-  #prompt { width: min(720px, 90vw); }
-  #seed { width: 6em; }
-  #video { display: block; margin: 16px 0; background: #000; image-rendering: pixelated; }
-  #status.error { color: #ff8a80; }
-  .stats span { font-variant-numeric: tabular-nums; }
-</style>
-</head>
-<body>
-<h1>sfpp live</h1>
-<form id="controls">
-  <input id="prompt" type="text" aria-label="prompt" value="__PROMPT__">
-  <input id="seed" type="number" aria-label="seed" min="0" step="1" value="0">
-  <button id="start" type="submit" disabled>Start</button>
-  <button id="switch" type="button" disabled>Switch prompt</button>
-  <button id="stop" type="button" disabled>Stop</button>
-</form>
-<canvas id="video" width="1" height="1"></canvas>
-<div class="stats">chunk <span id="chunk">-</span> &middot; playing at <span id="fps">-</span> fps &middot;
-  generating at <span id="gen-fps">-</span> fps &middot; <span id="dropped">0</span> frames dropped</div>
-<p id="status">connecting...</p>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-const canvas = $("video"), context = canvas.getContext("2d");
-let ws, lastFrame = -1, shownAt = [];
-
-function setStatus(text, isError = false) {
-  $("status").textContent = text; $("status").className = isError ? "error" : "";
-}
-function setStreaming(on) { $("start").disabled = on; $("switch").disabled = !on; $("stop").disabled = !on; }
-function send(command) { ws.send(JSON.stringify(command)); }
-function prompt() { return $("prompt").value; }
-
-$("controls").addEventListener("submit", (event) => {
-  event.preventDefault();
-  if (!$("start").disabled) send({type: "start", prompt: prompt(), seed: Number($("seed").value)});
-  else if (!$("switch").disabled) send({type: "prompt", prompt: prompt()});
-});
-$("switch").addEventListener("click", () => send({type: "prompt", prompt: prompt()}));
-$("stop").addEventListener("click", () => send({type: "stop"}));
-
-function onMessage(m) {
-  if (m.type === "ready") {
-    canvas.width = m.width; canvas.height = m.height;
-    const scale = Math.max(1, Math.floor(512 / m.width));  // whole multiples keep pixels crisp
-    canvas.style.width = m.width * scale + "px"; canvas.style.height = m.height * scale + "px";
-    $("start").disabled = false;
-    setStatus(`ready: ${m.width}x${m.height} at ${m.fps} fps` + (m.random_weights ? " (RANDOM weights: noise)" : ""));
-  } else if (m.type === "started") {
-    lastFrame = -1; shownAt = [];
-    setStreaming(true); setStatus(`streaming: ${m.prompt}`);
-  } else if (m.type === "prompt") {
-    setStatus(`switching to: ${m.prompt}`);
-  } else if (m.type === "stats") {
-    $("gen-fps").textContent = m.generate_fps.toFixed(1); $("dropped").textContent = m.dropped;
-  } else if (m.type === "stopped") {
-    setStreaming(false);
-    setStatus(m.reason === "stopped" ? "stopped" : `${m.reason}: ${m.message}`, m.reason === "error");
-  } else if (m.type === "error") {
-    setStatus(m.message, true);
-  }
-}
-
-async function onFrame(data) {
-  const header = new DataView(data), chunk = header.getUint32(0), frame = header.getUint32(4);
-  const bitmap = await createImageBitmap(new Blob([data.slice(8)], {type: "image/png"}));
-  if (frame <= lastFrame) return;  // decoded after a newer frame
-  lastFrame = frame;
-  context.drawImage(bitmap, 0, 0);
-  $("chunk").textContent = chunk;
-  const now = performance.now();
-  shownAt.push(now);
-  while (now - shownAt[0] > 2000) shownAt.shift();
-  if (shownAt.length > 1) $("fps").textContent = ((shownAt.length - 1) * 1000 / (now - shownAt[0])).toFixed(1);
-}
-
-ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
-ws.binaryType = "arraybuffer";
-ws.onmessage = (event) => typeof event.data === "string" ? onMessage(JSON.parse(event.data)) : onFrame(event.data);
-ws.onclose = (event) => {
-  setStreaming(false); $("start").disabled = true;
-  setStatus(`disconnected (${event.code}${event.reason ? ": " + event.reason : ""}): reload to reconnect`, true);
-};
-</script>
-</body>
-</html>
-""".replace("__PROMPT__", html.escape(DEFAULT_PROMPT))

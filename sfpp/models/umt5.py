@@ -32,7 +32,7 @@ _WAN_TO_HF_BLOCK = {
 
 def convert_wan_t5_to_transformers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename Wan's T5 encoder state dict (`blocks.N.attn.q.weight`, ...) to `UMT5EncoderModel`'s names."""
-    from sfpp.checkpoint import CheckpointError
+    from sfpp.models.checkpoint import CheckpointError
 
     out = {}
     for key, value in state_dict.items():
@@ -119,7 +119,7 @@ class UMT5TextEncoder:
         on the meta device and takes the checkpoint's tensors: no second copy."""
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        from sfpp.checkpoint import load_file
+        from sfpp.models.checkpoint import load_file
 
         if not Path(tokenizer_dir).is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
@@ -130,7 +130,7 @@ class UMT5TextEncoder:
         sd = {k: v.to(dtype) for k, v in convert_wan_t5_to_transformers(wan_sd).items()}
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
         if missing or unexpected:
-            from sfpp.checkpoint import CheckpointError
+            from sfpp.models.checkpoint import CheckpointError
 
             raise CheckpointError(f"{checkpoint} does not fit umT5: missing {missing}, unexpected {unexpected}")
         model.encoder.embed_tokens = model.shared  # tied, as transformers expects

@@ -7,8 +7,8 @@ signature, constexprs, divisibility hints and options that Triton's own launch w
 interpreter accepts fails here. Needs TRITON_INTERPRET unset in this process (a jitted function is bound to the
 interpreter at import), hence a command line that tests/test_compile_targets.py runs in subprocesses:
 
-    python -m kernels.aot --out /tmp/aot            # every case; JSON summary + TTGIR per case in --out
-    python -m kernels.aot --out /tmp/aot --shard 0/2 --only ring_attention
+    python -m bench.aot --out /tmp/aot            # every case; JSON summary + TTGIR per case in --out
+    python -m bench.aot --out /tmp/aot --shard 0/2 --only ring_attention
 """
 
 from __future__ import annotations
@@ -114,8 +114,9 @@ def compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
 
 def _launch(case: Case) -> tuple[object, Callable[[], None]]:
     """(the jitted kernel, a call of its launcher on CPU tensors of the case's shapes)."""
-    from sfpp.cache import RingKVCache
-    from sfpp.model import WanConfig, rope_table
+    from sfpp.engine.cache import RingKVCache
+    from sfpp.engine.rope import rope_table
+    from sfpp.models.dit import WanConfig
 
     s, fp8 = case.shape, case.variant == "fp8"
     cfg = WanConfig(dim=s.heads * s.head_dim, num_heads=s.heads, num_layers=1)
@@ -128,7 +129,7 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
                            kv_dtype=kv_dtype)  # fmt: skip
 
     if case.op == "ring_attention":
-        from kernels import ring_attention as mod
+        from sfpp.kernels import ring_attention as mod
 
         c = cache()
         c.frames_done = s.window - s.chunk_frames  # a full ring (fill level does not change the launch)
@@ -138,7 +139,7 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
         return mod._ring_attention_kernel, lambda: mod.ring_attention(q, *c.layer(0)[:2], plan.valid_rows,
                                                                         *c.layer(0)[2:])  # fmt: skip
     if case.op == "cache_write":
-        from kernels import cache_write as mod
+        from sfpp.kernels import cache_write as mod
 
         c = cache()
         plan = c.plan(1, s.chunk_frames, s.frame_tokens)
@@ -147,7 +148,7 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
         args = (q, k, v, *norms, *rope_table(cfg), plan.frame_pos, plan.token_index, *c.layer(0))
         return mod._cache_write_kernel, lambda: mod.cache_write(*args, s.height, s.width, cfg.rope_split, cfg.eps)
     if case.op == "adaln_modulate":
-        from kernels import adaln as mod
+        from sfpp.kernels import adaln as mod
 
         x = torch.empty(1, tokens, cfg.dim)  # the fp32 residual stream
         if case.variant == "x-transposed":  # block 0 gets the patch embedding's transposed view
@@ -159,7 +160,7 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
 
 def compile_case(case: Case, out_dir: Path) -> dict:
     """Compile one case; returns its summary (and writes its TTGIR next to it)."""
-    from kernels import _device
+    from sfpp.kernels import _device
 
     record: dict = {"name": case.name, "op": case.op, "arch": case.arch, "shape": case.shape.name,
                     "variant": case.variant}  # fmt: skip

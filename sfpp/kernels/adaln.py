@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._cast import cast
-from sfpp.ops import adaln_modulate_ref
+from sfpp.kernels._cast import cast
+from sfpp.kernels.reference import adaln_modulate_ref
 
 __all__ = ["adaln_modulate", "adaln_modulate_ref"]
 

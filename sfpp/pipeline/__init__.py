@@ -11,25 +11,45 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from sfpp.cache import RingKVCache
-from sfpp.checkpoint import CheckpointError, load_file, load_weights
-from sfpp.graph import ChunkRunner
-from sfpp.model import WanConfig, WanModel, get_config
-from sfpp.sampler import FlowMatchSchedule, nvtx_range
-from sfpp.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for
-from sfpp.taehv import TAEHVDecoder
-from sfpp.text import ByteTextEncoder, ByteTextEncoderConfig
-from sfpp.umt5 import UMT5TextEncoder
-from sfpp.vae import WanVAE
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.graph import ChunkRunner
+from sfpp.engine.sampler import FlowMatchSchedule, nvtx_range
+from sfpp.engine.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for
+from sfpp.models.checkpoint import CheckpointError, load_file, load_weights
+from sfpp.models.dit import WanConfig, WanModel, get_config
+from sfpp.models.taehv import TAEHVDecoder
+from sfpp.models.text import ByteTextEncoder, ByteTextEncoderConfig
+from sfpp.models.toy import PatchPCACodec
+from sfpp.models.umt5 import UMT5TextEncoder
+from sfpp.models.vae import WanVAE
+from sfpp.pipeline.settings import (
+    DTYPES,
+    KERNELS,
+    KV_DTYPES,
+    PipelineOutput,
+    StreamSettings,
+    _integer,
+    _is_number,
+    _resolve_options,
+    _validate_noise,
+    _validate_prompt,
+    check_device,
+    device_defaults,
+    unsupported,
+)
 from sfpp.video import LatentPreviewDecoder, num_latent_frames
+
+__all__ = [  # with what the pipeline's callers (the CLI, the benchmark, train/) take from settings
+    "DECODERS", "DTYPES", "KERNELS", "KV_DTYPES", "SHIPPED_MODELS", "TEXT_ENCODERS", "Pipeline", "PipelineOutput",
+    "StreamSettings", "check_device", "device_defaults", "unsupported",
+]  # fmt: skip
 
 CONFIG_FILE = "sfpp_pipeline.json"
 TRANSFORMER_FILE = "transformer.safetensors"
@@ -37,122 +57,15 @@ TRANSFORMER_FILE = "transformer.safetensors"
 # The toy world's students (train/ship.py): Self-Forcing++ (the default), and beside it the Self-Forcing baseline and
 # the Self-Forcing++ student after GRPO, so the comparison in the model card can be re-run.
 SHIPPED_MODELS = {
-    name: Path(__file__).parent / "assets" / name for name in ("default", "self-forcing", "self-forcing++-grpo")
+    name: Path(__file__).parent.parent / "assets" / name for name in ("default", "self-forcing", "self-forcing++-grpo")
 }
 
 # The parts a model directory may name by "type". Each class has `from_meta(meta, directory)`, `to_meta()` and
 # `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).
 TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder, "umt5": UMT5TextEncoder}
-DECODERS: dict[str, type] = {"preview": LatentPreviewDecoder, "wan-vae": WanVAE, "taehv": TAEHVDecoder}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The self-attention KV cache holds K/V in the DiT's dtype, or in fp8 with per-token-per-head scales.
-KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
-# `WanModel.use_kernels` backends ("none": the plain torch path).
-KERNELS = ("auto", "torch", "triton", "cuda", "none")
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The device, or a one-line ValueError when it is not a device name or not present on this machine."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: expected cpu, cuda, cuda:N, ...") from exc
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
-            raise ValueError(f"device {device} asked for, but no CUDA device is available here ({build})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA devices"
-            )
-        return device
-    backend = getattr(torch, device.type, None)  # mps, xpu, ...
-    if backend is None or not getattr(backend, "is_available", lambda: False)():
-        raise ValueError(f"device {device} asked for, but it is not available here")
-    return device
-
-
-def device_defaults(device: torch.device) -> dict:
-    """What a pipeline runs unless told otherwise: on CUDA the fast path (bf16 DiT, the fused kernels by `auto`
-    dispatch, the chunk replayed from CUDA graphs); elsewhere fp32 through the plain torch path, eagerly (on a CPU
-    the Triton kernels only run in the interpreter, which is for tests, not speed)."""
-    cuda = device.type == "cuda"
-    return {
-        "dtype": torch.bfloat16 if cuda else torch.float32,
-        "kernels": "auto" if cuda else "none",
-        "cuda_graph": cuda,
-    }
-
-
-def unsupported(device: torch.device, *, compile: bool = False, kv_dtype: torch.dtype | None = None) -> str | None:
-    """Why a combination of options cannot run on `device`, or None when it can."""
-    if compile and kv_dtype == torch.float8_e4m3fn and device.type == "cpu":
-        return (
-            "torch.compile cannot compile the fp8 KV cache for a CPU (Inductor's C++ code generator: 'Promotion for "
-            "Float8 Types is not supported'); use the eager path or a bf16/fp32 cache there"
-        )
-    return None
-
-
-@dataclass
-class PipelineOutput:
-    frames: Tensor  # uint8 [B, T, H, W, 3]
-    latents: Tensor  # fp32 [B, C, F, h, w]
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    """How the student rolls out: chunk size, cache window and sinks, default resolution and frame rate."""
-
-    frames_per_chunk: int = 3
-    window: int = 21
-    sink: int = 0
-    height: int = 480
-    width: int = 832
-    fps: int = 16
-
-    def __post_init__(self) -> None:
-        if self.frames_per_chunk < 1 or self.sink < 0 or self.fps < 1:
-            raise ValueError(f"invalid stream settings {self}")
-        if self.window < self.frames_per_chunk:
-            raise ValueError(f"window ({self.window}) must hold at least one chunk ({self.frames_per_chunk} frames)")
-
-
-def _is_number(x) -> bool:
-    """A real number, not a bool (True is not a length)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _integer(x, name: str) -> int:
-    """`x` as a Python int (numpy integers welcome): a non-number (or bool) is a TypeError, a fraction a ValueError."""
-    if not _is_number(x):
-        raise TypeError(f"{name} must be an integer, got {x!r} ({type(x).__name__})")
-    if not isinstance(x, numbers.Integral):
-        raise ValueError(f"{name} must be a positive integer, got {x!r}")
-    return int(x)
-
-
-def _validate_noise(generator, seed) -> None:
-    if generator is not None and seed is not None:
-        raise ValueError("give a generator= or a seed=, not both")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator, got {generator!r} ({type(generator).__name__}); for an integer "
-            "seed pass seed="
-        )
-    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
-        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
-
-
-def _validate_prompt(prompt: str | list[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    return list(prompts)
-
-
+DECODERS: dict[str, type] = {
+    "preview": LatentPreviewDecoder, "wan-vae": WanVAE, "taehv": TAEHVDecoder, "patch-pca": PatchPCACodec
+}
 class Pipeline:
     def __init__(
         self,
@@ -255,11 +168,11 @@ class Pipeline:
         Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or the diffusers layout (model_index.json).
         `checkpoint`: DiT weights that replace the directory's, e.g. a Self-Forcing `.pt` (its `generator_ema` if
         `ema` and present, else `generator`). Weights are read tensor by tensor onto meta-device models: no second
-        copy. `decoder="tiny"`: decode with TAEHV (`sfpp.taehv`) from `decoder_path`, by default
+        copy. `decoder="tiny"`: decode with TAEHV (`sfpp.models.taehv`) from `decoder_path`, by default
         taew2_1.safetensors or taew2_1.pth in the model directory. Unless given, `dtype`, `kernels` (a
         `WanModel.use_kernels` backend, or "none") and the option `cuda_graph` follow the device (`device_defaults`:
         the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`."""
-        from sfpp import wan_checkpoints as wc
+        from sfpp.models import wan_checkpoints as wc
 
         device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         path = Path(path)
@@ -584,30 +497,3 @@ def _part(registry: dict[str, type], meta: dict, directory: Path, key: str):
     if kind not in registry:
         raise CheckpointError(f"{file}: unknown {key!r} type {kind!r}; known: {sorted(registry)}")
     return _from_entry(lambda m: registry[kind].from_meta(m, directory), meta, file, key)
-
-
-def _resolve_options(device, dtype, kernels, options: dict) -> tuple[torch.device, torch.dtype, str, dict]:
-    """from_pretrained/from_config's options, with the device's defaults (`device_defaults`) where not given."""
-    device = check_device(device)
-    defaults = device_defaults(device)
-    if dtype is not None and dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {list(DTYPES.values())}, got {dtype!r}")
-    kernels = defaults["kernels"] if kernels is None else kernels
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {list(KERNELS)}, got {kernels!r}")
-    options = {"cuda_graph": defaults["cuda_graph"], **options}
-    if options["cuda_graph"] is None:
-        options["cuda_graph"] = defaults["cuda_graph"]
-    kv_dtype = options.get("kv_dtype")
-    if kv_dtype is not None and kv_dtype not in KV_DTYPES.values():
-        raise ValueError(f"kv_dtype must be one of {list(KV_DTYPES.values())}, got {kv_dtype!r}")
-    dtype = dtype or defaults["dtype"]
-    if kv_dtype not in (None, dtype, torch.float8_e4m3fn):
-        raise ValueError(
-            f"kv_dtype {kv_dtype} needs dtype={kv_dtype} (the DiT runs in {dtype}): the ring cache holds K/V in the "
-            "DiT's dtype, or in fp8"
-        )
-    reason = unsupported(device, compile=options.get("compile", False), kv_dtype=kv_dtype)
-    if reason:
-        raise ValueError(reason)
-    return device, dtype, kernels, options

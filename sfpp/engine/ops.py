@@ -1,6 +1,7 @@
-"""Per-op dispatch of the chunk-step kernels: torch (reference, runs anywhere), triton (`kernels/`) or cuda (the
-CUDA C++ extension built from `csrc/`, for the ops that have one). Each op is a `torch.library` custom op, so
-torch.compile and CUDA graphs treat it as one opaque call; the backend is an argument of the op.
+"""Per-op dispatch of the chunk-step kernels: torch (the references in `sfpp.kernels.reference`, run anywhere),
+triton (`sfpp/kernels/`) or cuda (the CUDA C++ extension built from `csrc/`, for the ops that have one). Each op is a
+`torch.library` custom op, so torch.compile and CUDA graphs treat it as one opaque call; the backend is an argument
+of the op.
 
 backend="auto" on a GPU takes the backend measured fastest on this GPU model, read from `dispatch_table.json`
 (written by the per-op benchmarks in `bench/`, keyed by `torch.cuda.get_device_name()`); for a GPU without an entry
@@ -10,17 +11,14 @@ the op has one and Triton otherwise, so `WanModel.use_kernels("cuda")` covers ev
 """
 
 import functools
-import importlib
 import json
 import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from sfpp.attention import ring_attention_ref
-from sfpp.fp8 import quantize_fp8
+from sfpp.kernels.reference import adaln_modulate_ref, cache_write_ref, ring_attention_ref
 
 BACKENDS = {  # the implementations of each op
     "ring_attention": ("torch", "triton"),
@@ -29,30 +27,38 @@ BACKENDS = {  # the implementations of each op
 }
 OPS = tuple(BACKENDS)
 DISPATCH_TABLE = Path(__file__).with_name("dispatch_table.json")
-_MODULE = {"adaln_modulate": "adaln"}  # the `kernels/` file of an op, where its name is not the op's
 
 
 @functools.cache
-def _triton(module: str):
+def _triton(op: str):
+    """The Triton module of `op`, or None without Triton (it is imported on first use only: Triton binds its
+    kernels to the interpreter or not when first imported, so a script may set TRITON_INTERPRET after `import sfpp`)."""
     try:
-        return importlib.import_module(f"kernels.{module}")
+        if op == "ring_attention":
+            from sfpp.kernels import ring_attention as module
+        elif op == "cache_write":
+            from sfpp.kernels import cache_write as module
+        else:
+            from sfpp.kernels import adaln as module
     except ImportError:
         return None
+    return module
 
 
 @functools.cache
 def cuda_extension():
-    """The compiled CUDA C++ ops (`sfpp._cuda_ops`), or None where they were not built."""
+    """The compiled CUDA C++ ops (`sfpp.kernels._cuda_ops`), or None where they were not built."""
     try:
-        return importlib.import_module("sfpp._cuda_ops")
+        from sfpp.kernels import _cuda_ops
     except ImportError:
         return None
+    return _cuda_ops
 
 
 def available(op: str, device: torch.device) -> list[str]:
     found = ["torch"]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if (device.type == "cuda" or interpret) and _triton(_MODULE.get(op, op)) is not None:
+    if (device.type == "cuda" or interpret) and _triton(op) is not None:
         found.append("triton")
     if device.type == "cuda" and "cuda" in BACKENDS[op] and cuda_extension() is not None:
         found.append("cuda")
@@ -122,80 +128,6 @@ def resolve(op: str, backend: str, device: torch.device, fp8: bool = False) -> s
     if backend not in have:
         raise ValueError(f"backend {backend!r} for {op} is not available on {device.type} (available: {have})")
     return backend
-
-
-# ----------------------------------------------------------------------------------------------- torch references
-# The meaning of each op; the kernels in `kernels/` import these and are tested against them.
-
-
-def rope_rows(num_tokens: int, frame_pos: Tensor, height: int, width: int, split: tuple[int, int, int]) -> Tensor:
-    """Row of the RoPE table each (token, rotation pair) reads [L, D/2]: the frame's absolute position for the
-    t pairs, the token's row y for the h pairs, its column x for the w pairs (split in real dims, as WanConfig)."""
-    t_half, h_half, w_half = (s // 2 for s in split)
-    token = torch.arange(num_tokens, device=frame_pos.device)
-    f, y, x = token // (height * width), token // width % height, token % width
-    pair = torch.arange(t_half + h_half + w_half, device=frame_pos.device)
-    return torch.where(
-        pair < t_half, frame_pos[f][:, None], torch.where(pair < t_half + h_half, y[:, None], x[:, None])
-    )
-
-
-def _norm_rope_ref(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, heads: int, eps: float) -> Tensor:
-    """Wan's RMSNorm over the model dim, then RoPE on adjacent pairs; [B, L, dim] -> [B, L, H, D]."""
-    x32 = x.float()
-    x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-    pairs = x.unflatten(-1, (heads, -1, 2)).float()
-    c, s = cos[None, :, None], sin[None, :, None]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2).to(weight.dtype)
-
-
-def cache_write_ref(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    norm_q: Tensor,
-    norm_k: Tensor,
-    cos_table: Tensor,
-    sin_table: Tensor,
-    frame_pos: Tensor,
-    token_index: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k_scale: Tensor | None,
-    v_scale: Tensor | None,
-    height: int,
-    width: int,
-    split: tuple[int, int, int],
-    eps: float,
-) -> Tensor:
-    """q, k, v [B, L, H*D] projections of the chunk (L = Fc*height*width tokens); norm_q/norm_k [H*D] RMSNorm
-    weights; cos_table/sin_table [P, D/2] fp32 (`rope_table`); frame_pos [Fc]; token_index [L] the cache rows of
-    the chunk; k_cache/v_cache [B, S*T, H, D] (fp8 with k_scale/v_scale [B, S*T, H], or None). Writes normed,
-    roped K and V into the cache rows and returns the normed, roped q [B, L, H, D]."""
-    heads = k_cache.shape[2]
-    rows = rope_rows(q.shape[1], frame_pos, height, width, split)
-    pair = torch.arange(rows.shape[1], device=rows.device)
-    cos, sin = cos_table[rows, pair], sin_table[rows, pair]  # [L, D/2]
-    q_out = _norm_rope_ref(q, norm_q, cos, sin, heads, eps)
-    k_out = _norm_rope_ref(k, norm_k, cos, sin, heads, eps)
-    v_out = v.unflatten(-1, (heads, -1))
-    if k_scale is not None:
-        (k_out, ks), (v_out, vs) = quantize_fp8(k_out), quantize_fp8(v_out)
-        k_scale.index_copy_(1, token_index, ks)
-        v_scale.index_copy_(1, token_index, vs)
-        k_cache, v_cache, k_out, v_out = (x.view(torch.uint8) for x in (k_cache, v_cache, k_out, v_out))
-    k_cache.index_copy_(1, token_index, k_out.to(k_cache.dtype))
-    v_cache.index_copy_(1, token_index, v_out.to(v_cache.dtype))
-    return q_out
-
-
-def adaln_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
-    """adaLN of a Wan block: fp32 LayerNorm without affine of x [B, F*L, D], per-frame modulation by shift/scale
-    [B, F, 1, D] fp32 (one row per latent frame, over its L tokens), cast to out_dtype. The model's own math
-    (`FP32LayerNorm`, `sfpp.model._modulate`), op for op."""
-    n = F.layer_norm(x.float(), x.shape[-1:], None, None, eps)
-    return (n.unflatten(1, (shift.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- CUDA C++ glue
@@ -276,10 +208,10 @@ def ring_attention(
     backend: str = "auto",
 ) -> Tensor:
     """Attention of q [B, Lq, H, D] over the first rows of the ring cache [B, S*T, H, D] (fp8 with scales
-    [B, S*T, H], or None): `sfpp.attention.ring_attention_ref` on the chosen backend. The valid prefix comes twice,
-    as `ChunkPlan` has it: valid_rows, a 0-dim device tensor (the Triton kernel reads it on the device, so one CUDA
-    graph serves every fill level), and valid_rows_host, the same number as an int (torch slices by it: SDPA with
-    no mask, static shapes per fill level)."""
+    [B, S*T, H], or None): `sfpp.kernels.reference.ring_attention_ref` on the chosen backend. The valid prefix
+    comes twice, as `ChunkPlan` has it: valid_rows, a 0-dim device tensor (the Triton kernel reads it on the
+    device, so one CUDA graph serves every fill level), and valid_rows_host, the same number as an int (torch slices
+    by it: SDPA with no mask, static shapes per fill level)."""
     backend = resolve("ring_attention", backend, q.device, k_cache.dtype == torch.float8_e4m3fn)
     return _ring_attention(q, k_cache, v_cache, valid_rows, valid_rows_host, k_scale, v_scale, backend)
 
@@ -354,7 +286,7 @@ def cache_write(
 def _adaln_modulate(
     x: Tensor, shift: Tensor, scale: Tensor, eps: float, out_dtype: torch.dtype, backend: str
 ) -> Tensor:
-    fn = _triton("adaln").adaln_modulate if backend == "triton" else adaln_modulate_ref
+    fn = _triton("adaln_modulate").adaln_modulate if backend == "triton" else adaln_modulate_ref
     return fn(x, shift, scale, eps, out_dtype)
 
 

@@ -76,7 +76,7 @@ class ByteTextEncoder(nn.Module):
 
     @classmethod
     def from_meta(cls, meta: dict, directory: Path) -> ByteTextEncoder:
-        from sfpp.checkpoint import load_file, load_weights
+        from sfpp.models.checkpoint import load_file, load_weights
 
         with torch.device("meta"):
             encoder = cls(ByteTextEncoderConfig(**meta["config"]))

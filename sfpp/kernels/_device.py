@@ -1,4 +1,4 @@
-"""The GPU a launch targets, as the launchers need it (tile choice, fp8 support). `kernels.aot` substitutes
+"""The GPU a launch targets, as the launchers need it (tile choice, fp8 support). `bench.aot` substitutes
 `arch` to compile launches for a GPU this machine does not have."""
 
 from __future__ import annotations

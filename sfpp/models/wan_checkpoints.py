@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sfpp.checkpoint import CheckpointError, convert_diffusers_to_wan, is_diffusers_layout, load_weights
-from sfpp.model import CONFIGS, WanConfig, WanModel
+from sfpp.models.checkpoint import CheckpointError, convert_diffusers_to_wan, is_diffusers_layout, load_weights
+from sfpp.models.dit import CONFIGS, WanConfig, WanModel
 
 WAN_CONFIG = "config.json"
 WAN_DIT = "diffusion_pytorch_model.safetensors"
@@ -66,7 +66,7 @@ def _weight_files(directory: Path, *, required: bool = True, what: str = "DiT we
 def read_weights(files: list[Path] | Path, *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Read .safetensors (tensor by tensor, memory-mapped) or .pt/.pth (memory-mapped), casting floating tensors to
     `dtype` as they are read."""
-    from sfpp.checkpoint import load_file
+    from sfpp.models.checkpoint import load_file
 
     files = [files] if isinstance(files, Path | str) else files
     out: dict[str, Tensor] = {}
@@ -224,7 +224,7 @@ def convert_diffusers_vae_to_wan(sd: dict[str, Tensor], num_res_blocks: int = 2)
 
 def load_vae(path: Path, *, dtype: torch.dtype | None = None):
     """Wan's `Wan2.1_VAE.pth` file, or a diffusers `vae/` folder."""
-    from sfpp.vae import WanVAE, WanVAEConfig
+    from sfpp.models.vae import WanVAE, WanVAEConfig
 
     if path.is_dir():
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
@@ -270,7 +270,7 @@ def load_wan_directory(
     directory: Path, *, dtype: torch.dtype | None = None, load_dit_weights: bool = True
 ) -> tuple[WanModel, object, object]:
     """(transformer, text encoder, VAE) from Wan's original layout."""
-    from sfpp.umt5 import UMT5TextEncoder
+    from sfpp.models.umt5 import UMT5TextEncoder
 
     layout = "Wan2.1"
     config = _require(directory / WAN_CONFIG, "DiT config", directory, layout)
@@ -287,7 +287,7 @@ def load_diffusers_directory(
     directory: Path, *, dtype: torch.dtype | None = None, load_dit_weights: bool = True
 ) -> tuple[WanModel, object, object]:
     """(transformer, text encoder, VAE) from the diffusers layout (`Wan-AI/Wan2.1-T2V-1.3B-Diffusers`)."""
-    from sfpp.umt5 import UMT5TextEncoder
+    from sfpp.models.umt5 import UMT5TextEncoder
 
     layout = "diffusers"
     sub = {name: _require(directory / name, f"{name} folder", directory, layout)

@@ -3,9 +3,9 @@ into its ring slots (optionally quantized to fp8 with per-token-per-head scales)
 
 One program owns one token of one batch row: the RMSNorm spans all heads (Wan normalizes q and k over the whole
 model dim), so the row's heads are one [H, D] tile. V is stored through its own strides: an fp8 cache keeps V's rows
-contiguous for the attention kernel's fp8 MMA (`sfpp.cache.LayerKV`), so those stores are strided bytes. Roundings
-follow the torch path (norm, weight, RoPE each round to the compute dtype), so in fp32 the results agree to float
-rounding and in bf16 to an occasional last bit.
+contiguous for the attention kernel's fp8 MMA (`sfpp.engine.cache.LayerKV`), so those stores are strided bytes.
+Roundings follow the torch path (norm, weight, RoPE each round to the compute dtype), so in fp32 the results agree
+to float rounding and in bf16 to an occasional last bit.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import _device
-from kernels._cast import cast, to_e4m3
-from sfpp.fp8 import FP8_MAX
-from sfpp.ops import cache_write_ref, rope_rows
+from sfpp.kernels import _device
+from sfpp.kernels._cast import cast, to_e4m3
+from sfpp.kernels.fp8 import FP8_MAX
+from sfpp.kernels.reference import cache_write_ref, rope_rows
 
 __all__ = ["cache_write", "cache_write_ref", "rope_rows"]
 

@@ -1,0 +1,67 @@
+"""The `sfpp` command line: `sfpp generate` writes a video (generate.py), `sfpp serve` plays one live in a browser
+(serve.py), `sfpp bench` runs the benchmark suite (`sfpp.benchmark.e2e`); options.py holds what they share.
+
+Every error is one line on stderr and exit status 2 (1 for failed benchmark variants, 130 for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+
+from sfpp import __version__
+from sfpp.cli import generate, serve
+from sfpp.cli.options import Parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="sfpp",
+        description="Streaming autoregressive video diffusion (Self-Forcing++ on a Wan2.1 DiT).",
+    )
+    parser.add_argument("--version", action="version", version=f"sfpp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    generate.add_parser(sub)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark streaming FPS, latency and memory against Self-Forcing's inference path",
+        description="Run the benchmark suite (sfpp/benchmark/e2e.py); `sfpp bench --help` lists its options.",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    serve.add_parser(sub)
+    return parser
+
+
+def bench(bench_args: list[str]) -> int:
+    from sfpp.benchmark import e2e  # only when asked: the suite's imports are not the CLI's
+
+    return e2e.main(bench_args)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"sfpp: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # `sfpp bench ...` hands every option to the suite's own parser (so `sfpp bench --help` shows them).
+        args = argparse.Namespace(command="bench") if argv[:1] == ["bench"] else _parser().parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            if args.command == "generate":
+                return generate.run(args)
+            if args.command == "serve":
+                return serve.run(args)
+            return bench(argv[1:])
+    except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError) as exc:
+        print(f"sfpp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sfpp: interrupted", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,94 @@
+"""What `sfpp generate` and `sfpp serve` share: the one-line-error parser, the decoder options, and loading the
+pipeline a command line asks for (--model, else the shipped model, else random weights) with its device knobs."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sfpp.models.taehv import TAEHVDecoder
+from sfpp.pipeline import DTYPES, KV_DTYPES, SHIPPED_MODELS, Pipeline, check_device, device_defaults
+
+DEFAULT_MODEL_DIR = SHIPPED_MODELS["default"]
+# CPU threads of `sfpp generate` (--threads). Measured with the README's command on the shipped model on a 2-core
+# machine shared with other work (bench/results/bench_threads-cpu-*.json): two threads were 10% faster when the cores
+# were free, and 12x to 22x slower when other processes held them (median 221 s against 15 s for one thread).
+DEFAULT_CPU_THREADS = 1
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (and no usage block) like every other sfpp error."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_decoder_options(parser: argparse.ArgumentParser) -> None:
+    """--decoder and --decoder-weights, which `load_pipeline` reads (sfpp generate, sfpp serve)."""
+    parser.add_argument(
+        "--decoder",
+        choices=["model", "tiny"],
+        default="model",
+        help="latents to pixels: the model's own decoder, or tiny = TAEHV for Wan2.1 latents (fast, preview quality)",
+    )
+    parser.add_argument(
+        "--decoder-weights",
+        metavar="PATH",
+        help="TAEHV weights for --decoder tiny (default: taew2_1.safetensors or taew2_1.pth in the model directory)",
+    )
+
+
+def pick_device(args: argparse.Namespace) -> torch.device:
+    return check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pipeline_options(args: argparse.Namespace, device: torch.device) -> dict:
+    """from_pretrained/from_config keywords from the knobs; left out where not given (the device's defaults). The
+    knobs `sfpp serve` lacks count as not given."""
+    options = {"device": device, "compile": getattr(args, "compile", False)}
+    if args.dtype is not None:
+        options["dtype"] = DTYPES[args.dtype]
+    if getattr(args, "kernels", None) is not None:
+        options["kernels"] = args.kernels
+    if getattr(args, "cuda_graph", None) is not None:
+        if args.cuda_graph and device.type != "cuda":
+            raise ValueError(f"--cuda-graph needs a CUDA device, and this run is on {device}")
+        options["cuda_graph"] = args.cuda_graph
+    if getattr(args, "kv_dtype", None) is not None:
+        kv_dtype, dtype = KV_DTYPES[args.kv_dtype], options.get("dtype", device_defaults(device)["dtype"])
+        if kv_dtype not in (dtype, torch.float8_e4m3fn):
+            name = next(k for k, v in DTYPES.items() if v == kv_dtype)
+            raise ValueError(
+                f"--kv-dtype {args.kv_dtype} needs --dtype {name}: the ring cache holds K/V in the DiT's dtype "
+                f"({dtype}), or in fp8"
+            )
+        options["kv_dtype"] = kv_dtype
+    return options
+
+
+def load_pipeline(args: argparse.Namespace) -> Pipeline:
+    """The pipeline of `sfpp generate` / `sfpp serve`: --model, else the shipped model, else random weights."""
+    options = pipeline_options(args, pick_device(args))
+    if args.decoder_weights is not None and args.decoder != "tiny":
+        raise ValueError("--decoder-weights is the weights file of --decoder tiny: add --decoder tiny")
+    tiny = {"decoder": "tiny", "decoder_path": args.decoder_weights} if args.decoder == "tiny" else {}
+    if args.model:
+        return Pipeline.from_pretrained(args.model, **options, **tiny)
+    if args.config is None and (DEFAULT_MODEL_DIR / "sfpp_pipeline.json").is_file():
+        return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, **options, **tiny)
+    pipe = Pipeline.from_config(args.config or "tiny", **options)
+    if tiny:  # random weights have no model directory to look in
+        if args.decoder_weights is None:
+            raise ValueError("--decoder tiny with --config needs --decoder-weights PATH (TAEHV's taew2_1.pth)")
+        pipe.set_decoder(TAEHVDecoder.from_file(args.decoder_weights))
+    return pipe
+
+
+def why_random(args: argparse.Namespace) -> str:
+    """Why `load_pipeline` gave a pipeline with random weights, in the user's terms."""
+    if args.config is not None:
+        return f"--config {args.config} builds RANDOM weights (for testing)"
+    if args.model:
+        return f"the model in {args.model} has RANDOM weights"
+    return f"no trained model is installed (nothing at {DEFAULT_MODEL_DIR}), so this uses RANDOM weights"
