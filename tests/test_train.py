@@ -309,29 +309,21 @@ def test_unknown_recipe_and_stage():
 def test_two_process_training_keeps_ranks_identical(tmp_path):
     """torchrun, 2 CPU processes (gloo, FSDP2 with one unit per block + the root, activation checkpointing): every
     stage of the smoke recipe, whose windows start at different frames and restart at different steps from step to
-    step (so a different number of forward passes each step), then eval and ship on rank 0."""
+    step (so a different number of forward passes each step), then eval on rank 0; `all` ships nothing (the shipped
+    models and the README are byte-identical afterwards), and `ship --to` packages a student where it is told."""
+    from test_ship import tree_digest
+
+    from train.ship import README, SHIPPED_MODELS
+
+    before = {**tree_digest(SHIPPED_MODELS["default"].parent), **tree_digest(README)}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "-m",
-        "train",
-        "all",
-        "--recipe",
-        "smoke",
-        "--out",
-        str(tmp_path / "run"),
-        "--device",
-        "cpu",
-        "--ship-to",
-        str(tmp_path / "model"),
-    ]
+    run = ["--recipe", "smoke", "--out", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "train", "all",
+           *run, "--device", "cpu"]  # fmt: skip
     # A rank that drew a different window would hang in a per-block all-gather: the timeout makes that a failure.
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert {**tree_digest(SHIPPED_MODELS["default"].parent), **tree_digest(README)} == before
     import json
 
     for stage in ("teacher", "ode", "dmd", "extended", "grpo"):
@@ -341,6 +333,13 @@ def test_two_process_training_keeps_ranks_identical(tmp_path):
         assert len(own) == 2 and own[0] == own[1], stage  # each rank's own draws, hashed before any collective
     assert (tmp_path / "run" / "eval" / "table.md").is_file()
     assert (tmp_path / "run" / "eval" / "dynamic.png").is_file()
+    refused = subprocess.run([sys.executable, "-m", "train", "ship", *run], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 2 and "come from the 'toy' recipe" in refused.stderr, refused.stderr[-2000:]
+    shipped = subprocess.run([sys.executable, "-m", "train", "ship", *run, "--to", str(tmp_path / "model")], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    assert {**tree_digest(SHIPPED_MODELS["default"].parent), **tree_digest(README)} == before
     from sfpp import Pipeline
 
     video = Pipeline.from_pretrained(tmp_path / "model")("a big red circle", num_frames=7, seed=0, progress=False)

@@ -1,12 +1,18 @@
 """Training entry point (one process, or many under torchrun).
 
-python -m train all --recipe toy --out runs/toy          # every stage in order, then eval and ship
+python -m train all --recipe toy --out runs/toy          # every stage in order, then the evaluation
 python -m train teacher --recipe toy --out runs/toy      # one stage (resumes from its last checkpoint)
 torchrun --nproc_per_node=2 -m train all --recipe smoke --out /tmp/smoke
 python -m train eval --recipe toy --out runs/toy         # long-horizon evaluation: table and plots
-python -m train ship --recipe toy --out runs/toy         # write the shipped models into sfpp/assets/
+python -m train ship --recipe smoke --out /tmp/smoke --to /tmp/model   # package one student as a model directory
+python -m train ship --recipe toy --out runs/toy         # WRITES INTO THE REPOSITORY: the shipped models, README
 torchrun --nproc_per_node=8 -m train all --recipe wan2.1-1.3b --wan-dir Wan2.1-T2V-1.3B --prompts prompts.txt \
     --out runs/wan [--checkpoint self_forcing_dmd.pt]    # from Wan2.1's weights: the paper's setting
+
+Every command writes into --out (the run directory) and nowhere else, except `ship` without --to, which writes into
+the repository: the three shipped models (sfpp/assets/default, self-forcing, self-forcing++-grpo) and the README's
+evaluation table, only from a run of the `toy` recipe, only into a git checkout's own sfpp/ (never an installed
+package), each model written beside the old one and swapped in whole.
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--stop-after", type=int, default=None, help="stop a stage after this many steps (tests)")
     p.add_argument(
-        "--ship-to", default=None, help="write one student (--ship-stage) here, not every shipped model in sfpp/assets"
+        "--to",
+        "--ship-to",
+        dest="ship_to",
+        metavar="DIR",
+        default=None,
+        help="ship: write one student (--ship-stage) as a model directory DIR, and nothing into the repository",
     )
     p.add_argument(
         "--ship-stage",
@@ -46,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", default=None, help="wan2.1-1.3b: prompt file, one prompt a line")
     p.add_argument("--checkpoint", default=None, help="wan2.1-1.3b: a Self-Forcing student instead of ODE init")
     args = p.parse_args(argv)
+    if args.ship_to and args.command != "ship":
+        p.error("--to belongs to `ship`: `all` trains and evaluates, and ships nothing")
 
     if "SFPP_THREADS" in os.environ:  # small models on a busy CPU run faster on one thread than on two
         torch.set_num_threads(int(os.environ["SFPP_THREADS"]))
@@ -77,13 +90,17 @@ def main(argv: list[str] | None = None) -> int:
             from train.evaluate import evaluate
 
             evaluate(recipe, out, env.device)
-        if args.command in ("ship", "all"):
-            from train.ship import ship, ship_all
+        if args.command == "ship":
+            from train.ship import ShipError, ship, ship_all
 
-            if args.ship_to:
-                ship(recipe, out, Path(args.ship_to), stage=args.ship_stage)
-            else:
-                ship_all(recipe, out)
+            try:
+                if args.ship_to:
+                    ship(recipe, out, Path(args.ship_to), stage=args.ship_stage)
+                else:
+                    ship_all(recipe, out)
+            except (ShipError, FileNotFoundError) as exc:
+                print(f"python -m train: error: {exc}", file=sys.stderr)
+                return 2
     if env.world_size > 1:
         # All work is written. Under torchrun with gloo, the interpreter's own teardown aborted a rank now and then
         # ("terminate called without an active exception", SIGABRT) after everything had finished, which fails the
