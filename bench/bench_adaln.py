@@ -6,13 +6,12 @@ measured in the same run, at a Wan 1.3B chunk (B=1, 3 frames x 1560 tokens, D=15
 
 GB/s counts the bytes the fused op must move: read x (fp32), write the output (bf16 by default); the shift/scale
 rows are under 0.1% of that and not counted. Records the fastest backend at the first batch size for this GPU model in
-`sfpp/dispatch_table.json`, which `backend="auto"` reads (`--table` elsewhere, `--no-table` to leave it). Needs a
+`sfpp/engine/dispatch_table.json`, which `backend="auto"` reads (`--table` elsewhere, `--no-table` to leave it). Needs a
 CUDA GPU; on a CPU it runs a tiny smoke configuration (torch, Triton interpreter) and saves nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
 from pathlib import Path
@@ -20,20 +19,20 @@ from pathlib import Path
 import torch
 
 from bench.bench_ring_attention import bench_ms
-from bench.common import dispatch_meta, save
+from bench.common import WRITES_GPU, dispatch_meta, parser, save
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, WRITES_GPU)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--frames", type=int, default=3)
     p.add_argument("--tokens", type=int, default=1560, help="tokens per latent frame (480x832: 30x52)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="output dtype (the weights')")
     p.add_argument("--out-dir", default=None)
-    p.add_argument("--table", default=None, help="dispatch table to update (default: sfpp/dispatch_table.json)")
+    p.add_argument("--table", default=None, help="dispatch table to update (default: sfpp/engine/dispatch_table.json)")
     p.add_argument("--no-table", action="store_true", help="do not record the fastest backend")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

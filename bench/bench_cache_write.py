@@ -4,14 +4,13 @@ path (the model's ops) and the copy bandwidth measured in the same run, at the W
     python -m bench.bench_cache_write
 
 GB/s counts the bytes the op must move: read q, k, v; write q, K, V (and the fp8 scales). Records the fastest backend
-per K/V dtype for this GPU model in `sfpp/dispatch_table.json`, which `backend="auto"` reads (`--table` elsewhere,
-`--no-table` to leave it). Needs a CUDA GPU; on a CPU it runs a tiny smoke configuration through the torch
+per K/V dtype for this GPU model in `sfpp/engine/dispatch_table.json`, which `backend="auto"` reads (`--table`
+elsewhere, `--no-table` to leave it). Needs a CUDA GPU; on a CPU it runs a tiny smoke configuration through the torch
 reference and Triton's interpreter and saves nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
 from pathlib import Path
@@ -19,20 +18,20 @@ from pathlib import Path
 import torch
 
 from bench.bench_ring_attention import bench_ms
-from bench.common import dispatch_meta, save
+from bench.common import WRITES_GPU, dispatch_meta, parser, save
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.rope import rope_table
 from sfpp.models.dit import WanConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, WRITES_GPU)
     p.add_argument("--height", type=int, default=30, help="latent patches per frame, rows")
     p.add_argument("--width", type=int, default=52)
     p.add_argument("--frames", type=int, default=3)
     p.add_argument("--window", type=int, default=21)
     p.add_argument("--out-dir", default=None)
-    p.add_argument("--table", default=None, help="dispatch table to update (default: sfpp/dispatch_table.json)")
+    p.add_argument("--table", default=None, help="dispatch table to update (default: sfpp/engine/dispatch_table.json)")
     p.add_argument("--no-table", action="store_true", help="do not record the fastest backend")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,6 @@ processes: the JSON records the load average), peak memory on a GPU, and the Wan
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import save
+from bench.common import parser, save
 from sfpp.models.taehv import TAEHVDecoder
 from sfpp.models.vae import WanVAE
 
@@ -58,7 +57,7 @@ def time_stream(decoder, shape: tuple[int, ...], warmup: int, chunks: int, devic
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--height", type=int, default=60, help="latent rows (video height / 8); default 60 = 480 px")
     p.add_argument("--width", type=int, default=104, help="latent columns; default 104 = 832 px")
     p.add_argument("--frames", type=int, default=3, help="latent frames per chunk (default 3, the pipeline's)")

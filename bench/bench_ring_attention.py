@@ -6,14 +6,13 @@ SDPA backend, FlexAttention, flash-attn and xformers where installed, measured i
     python -m bench.bench_ring_attention --windows 3 6 12 21  # fill levels: 3 frames (first chunk) .. 21 (full)
 
 Reports TFLOP/s (4 * B * H * Lq * Lk * D / time) and saves JSON under bench/results/. At the largest window (the
-steady state) it records the fastest backend and Triton tile per GPU model in `sfpp/dispatch_table.json`, which
+steady state) it records the fastest backend and Triton tile per GPU model in `sfpp/engine/dispatch_table.json`, which
 `backend="auto"` reads (`--table` elsewhere, `--no-table` to leave it). Needs a CUDA GPU; on a CPU it runs a tiny
 smoke configuration of our kernel through Triton's interpreter and saves nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import dispatch_meta, save
+from bench.common import WRITES_GPU, dispatch_meta, parser, save
 
 FRAME_TOKENS = 1560  # 480x832 latents: 30 x 52 patches
 
@@ -124,13 +123,13 @@ def record_dispatch(rows: list[dict], device: torch.device, table: Path | None) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, WRITES_GPU)
     p.add_argument("--windows", type=int, nargs="+", default=[3, 6, 12, 21], help="valid ring frames (fill levels)")
     p.add_argument("--chunk-frames", type=int, default=3)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out-dir", default=None)
-    p.add_argument("--table", default=None, help="dispatch table to update (default: sfpp/dispatch_table.json)")
+    p.add_argument("--table", default=None, help="dispatch table to update (default: sfpp/engine/dispatch_table.json)")
     p.add_argument("--no-table", action="store_true", help="do not record the fastest backend")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

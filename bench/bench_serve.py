@@ -6,7 +6,6 @@ driven by Playwright playing one stream for `--seconds`. Saves JSON under bench/
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -16,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from bench.common import parser as make_parser
 from bench.common import save
 from sfpp.cli.serve import DEFAULT_PROMPT
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to watch (default 30)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--chromium", default=shutil.which("chromium"), help="browser executable (default: chromium)")

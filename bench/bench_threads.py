@@ -9,7 +9,6 @@ threads slower. This measurement set `sfpp.cli.DEFAULT_CPU_THREADS`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import save
+from bench.common import parser, save
 
 PROMPT = "a big red circle moving fast and a small blue square moving slowly over a striped grey background"
 
@@ -33,7 +32,7 @@ def run_once(threads: int, seconds: float, out: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to compare (default 1 2)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every thread count once (default 3)")
     p.add_argument("--seconds", type=float, default=60.0, help="video length (default 60, the README's)")

@@ -83,7 +83,12 @@ def run_step(step: Step, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Writes into the repository, on a GPU only: the per-op steps record the fastest backend for this GPU "
+        "model in sfpp/engine/dispatch_table.json (what the campaign is for). Everything else goes into --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="folder for the JSON results, logs and summary.md")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on any device (what CI runs)")
     p.add_argument("--only", default=None, help="comma-separated step names to run (default: all)")

@@ -9,14 +9,13 @@ second (each chunk of 3 latent frames is 12 video frames), cache memory and peak
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import save
+from bench.common import parser, save
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.sampler import FlowMatchSchedule, denoise_chunk, draw_noises
 from sfpp.models.dit import CONFIGS, WanModel, get_config
@@ -29,7 +28,7 @@ def sync(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--config", default="wan2.1-1.3b", choices=sorted(CONFIGS))
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)

@@ -68,7 +68,12 @@ def update_readme(readme: Path, paths: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Writes into the repository only with --readme README.md: the block between its bench markers. "
+        "Without --readme it prints and writes nothing.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("files", nargs="*", type=Path, help="benchmark JSON files (default: bench/results/*.json)")
     p.add_argument("--readme", type=Path, help="rewrite this file's generated block instead of printing")
     args = p.parse_args(argv)

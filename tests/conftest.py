@@ -8,10 +8,37 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
 from sfpp.models.dit import WanConfig, WanModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _repository_state() -> str | None:
+    """`git status` of the checkout (tracked and untracked, ignored files aside), or None outside a git checkout."""
+    try:
+        result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_tests_leave_the_repository_as_it_was():
+    """Nothing a test runs may write into the checkout (shipped models, README, bench/results, ...): the whole
+    session is checked against `git status` before and after."""
+    before = _repository_state()
+    yield
+    after = _repository_state()
+    if before is not None and after is not None and after != before:
+        changed = sorted(set(after.splitlines()) ^ set(before.splitlines()))
+        pytest.fail(f"the tests changed the repository: {changed[:20]}", pytrace=False)
 
 
 def require_triton() -> None:

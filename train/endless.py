@@ -180,7 +180,9 @@ def cost_line(cost: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--out", default="train/results/toy/endless")
+    parser.add_argument(
+        "--out", required=True, help="folder for the results (the committed ones: train/results/toy/endless)"
+    )
     parser.add_argument("--latent-frames", type=int, default=3 * 1024 + 36)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--sinks", type=int, nargs="+", default=[0, 3])

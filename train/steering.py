@@ -215,7 +215,9 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--out", default="train/results/toy/steering")
+    parser.add_argument(
+        "--out", required=True, help="folder for the results (the committed ones: train/results/toy/steering)"
+    )
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -52,6 +52,12 @@ def save(name: str, device: torch.device, results: dict, out_dir: Path, module: 
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = record["date"].replace(":", "").replace("+0000", "Z")
-    path = out_dir / f"{name}-{device.type}-{stamp}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
+    for n in range(1000):  # two runs in one second get two files
+        path = out_dir / f"{name}-{device.type}-{stamp}{f'-{n}' if n else ''}.json"
+        try:
+            with path.open("x") as f:  # "x": fails rather than replace an existing file
+                f.write(json.dumps(record, indent=2) + "\n")
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{out_dir} has 1000 results of {name} from {stamp}")
