@@ -427,3 +427,149 @@ def test_page_plays_and_steers_the_stream_in_headless_chromium():
         assert code == 0 and "Traceback" not in err, err
     finally:
         server.kill()
+
+
+# --- ordinary events are not errors: viewers that leave at any moment, reloads, Stop, and a protocol fuzz
+
+
+def no_server_errors(caplog, capfd) -> None:
+    """Nothing the server logged at WARNING or above, and no traceback on stderr."""
+    logged = [r for r in caplog.records if r.levelno >= 30]
+    assert not logged, [f"{r.name}: {r.getMessage()}" for r in logged]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+async def wait_until_free(app, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while app[STATE].streams and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not app[STATE].streams, "the stream kept its slot after its viewer left"
+
+
+async def start_and_watch(connect, frames_wanted: int = 2) -> None:
+    async with connect() as ws:
+        await next_json(ws, "ready")
+        await ws.send_json({"type": "start", "prompt": PROMPT})
+        assert (await next_json(ws))["type"] == "started"
+        assert len(await frames(ws, frames_wanted)) == frames_wanted
+
+
+@pytest.mark.parametrize("fail_after", [0, 1, 2, 3, 5, 8])
+def test_a_viewer_gone_mid_write_is_no_error(pipe, monkeypatch, caplog, capfd, fail_after):
+    """The viewer's transport closes under the server's n-th write (the ready message, "started", stats, a frame,
+    the prompt switch's answer, "stopped"): no traceback, the slot is freed, the next viewer is served."""
+    from aiohttp import web
+
+    writes, broken = [0], [True]
+
+    def failing(send):
+        async def wrapper(self, *args, **kwargs):
+            writes[0] += 1
+            if broken[0] and writes[0] > fail_after:
+                raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+            return await send(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("send_json", "send_bytes"):
+        monkeypatch.setattr(web.WebSocketResponse, name, failing(getattr(web.WebSocketResponse, name)))
+
+    async def body(app, connect):
+        async with connect() as ws:
+            await ws.send_json({"type": "start", "prompt": PROMPT})
+            await asyncio.sleep(0.2)
+            await ws.send_json({"type": "prompt", "prompt": OTHER_PROMPT})
+            await asyncio.sleep(0.1)
+            await ws.send_json({"type": "stop"})
+            await asyncio.sleep(0.1)
+        await wait_until_free(app)
+        broken[0] = False
+        await start_and_watch(connect)
+
+    caplog.set_level("WARNING")
+    with_server(pipe, body)
+    no_server_errors(caplog, capfd)
+
+
+def test_disconnects_reloads_and_stop_at_any_moment(pipe, caplog, capfd):
+    """Viewers that vanish (the TCP connection dropped) or close at every moment of a stream, and a reload (leave,
+    then start again at once): each new start is served, not told "busy"; so is another viewer's start right
+    after a Stop (the stopping stream's slot is waited for, one chunk at most)."""
+
+    async def body(app, connect):
+        for i in range(12):
+            async with connect() as ws:
+                await next_json(ws, "ready")
+                await ws.send_json({"type": "start", "prompt": PROMPT})
+                await asyncio.sleep(0.02 * i)
+                if i % 3 == 0:
+                    await ws.send_json({"type": "stop"})
+                if i % 2:
+                    ws._writer.transport.abort()  # no close frame: a crashed tab, a dropped network
+            async with connect() as again:  # the reload: at once, while the last stream may still be stopping
+                await next_json(again, "ready")
+                await again.send_json({"type": "start", "prompt": PROMPT})
+                assert (await next_json(again))["type"] == "started", i
+        async with connect() as first, connect() as second:
+            await next_json(first, "ready")
+            await next_json(second, "ready")
+            await first.send_json({"type": "start", "prompt": PROMPT})
+            await frames(first, 1)
+            await first.send_json({"type": "stop"})
+            await second.send_json({"type": "start", "prompt": PROMPT})
+            assert (await next_json(second))["type"] == "started"
+            assert len(await frames(second, 2)) == 2
+        await wait_until_free(app)
+
+    caplog.set_level("WARNING")
+    with_server(pipe, body)
+    no_server_errors(caplog, capfd)
+
+
+def test_protocol_fuzz_leaves_the_server_serving(pipe, caplog, capfd):
+    """Malformed JSON, unknown commands, wrong types, a 1 MB prompt, bytes that are not UTF-8, binary messages,
+    100 prompt switches a second, and 50 connections opened and dropped: the next viewer is served."""
+
+    async def body(app, connect):
+        junk = ["", "{", "null", "[]", '"start"', '{"type": 1}', '{"type": "launch"}', '{"type": "start"}',
+                '{"type": "start", "prompt": 5}', '{"type": "start", "prompt": "x", "seed": -1}',
+                '{"type": "start", "prompt": "x", "seed": 1.5}', '{"type": "prompt", "prompt": "x"}',
+                '{"type": "stop"}', "\x00" * 100, json.dumps({"type": "start", "prompt": "x" * 3000})]  # fmt: skip
+        async with connect() as ws:
+            await next_json(ws, "ready")
+            for text in junk:
+                await ws.send_str(text)
+                assert (await next_json(ws))["type"] == "error", text
+            await ws.send_bytes(b"\x00\x01")
+            assert (await next_json(ws))["type"] == "error"
+            await ws.send_json({"type": "start", "prompt": PROMPT})
+            assert (await next_json(ws))["type"] == "started"
+            for k in range(100):  # 100 switches in about a second, frames flowing meanwhile
+                await ws.send_json({"type": "prompt", "prompt": f"{OTHER_PROMPT} {k}"})
+                await asyncio.sleep(0.01)
+            acks = 0
+            while acks < 100:
+                acks += (await next_json(ws, "prompt"))["type"] == "prompt"
+            assert len(await frames(ws, 2)) == 2
+        for bad in (json.dumps({"type": "start", "prompt": "x" * 1_000_000}).encode(), b'{"type": "\xff\xfe"}'):
+            async with connect() as ws:  # too big, not UTF-8: the server closes this connection only
+                await next_json(ws, "ready")
+                await ws.send_frame(bad, aiohttp.WSMsgType.TEXT)
+                msg = await ws.receive(timeout=10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+        sockets = [await connect().__aenter__() for _ in range(50)]
+        for k, ws in enumerate(sockets):
+            if k % 2:
+                ws._writer.transport.abort()
+            else:
+                await ws.close()
+        await wait_until_free(app)
+        deadline = time.monotonic() + 10  # every dropped connection is noticed and let go
+        while app[STATE].viewers and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not app[STATE].viewers
+        await start_and_watch(connect)
+
+    caplog.set_level("WARNING")
+    with_server(pipe, body)
+    no_server_errors(caplog, capfd)

@@ -9,9 +9,10 @@ import time
 import torch
 
 from sfpp.cli.options import (
-    DEFAULT_CPU_THREADS,
     SHIPPED_MODELS,
     add_decoder_options,
+    add_threads_option,
+    cpu_threads,
     load_pipeline,
     pick_device,
     why_random,
@@ -63,12 +64,7 @@ def add_parser(sub) -> None:
         help="capture each chunk as a CUDA graph and replay it (default: on with CUDA; an error on a CPU)",
     )
     gen.add_argument("--compile", action="store_true", help="torch.compile the chunk (first chunks compile: slower)")
-    gen.add_argument(
-        "--threads",
-        type=int,
-        help=f"CPU threads for torch (default on a CPU: {DEFAULT_CPU_THREADS}: the shipped model's small matmuls gain "
-        "10%% from a second free core and lose up to 22x when other work holds it; on CUDA: torch's default)",
-    )
+    add_threads_option(gen)
     gen.add_argument(
         "--height",
         type=int,
@@ -109,16 +105,9 @@ def _seconds(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     device = pick_device(args)
-    threads = args.threads or (DEFAULT_CPU_THREADS if device.type == "cpu" else torch.get_num_threads())
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(args, device):
         return _generate(args, device)
-    finally:
-        torch.set_num_threads(previous)  # for callers of main() in the same process
 
 
 def _generate(args: argparse.Namespace, device: torch.device) -> int:

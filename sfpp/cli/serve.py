@@ -35,7 +35,14 @@ import av
 import torch
 from aiohttp import WSMsgType, web
 
-from sfpp.cli.options import add_decoder_options, load_pipeline, why_random
+from sfpp.cli.options import (
+    add_decoder_options,
+    add_threads_option,
+    cpu_threads,
+    load_pipeline,
+    pick_device,
+    why_random,
+)
 from sfpp.models.dit import CONFIGS
 from sfpp.pipeline import DTYPES
 
@@ -43,6 +50,7 @@ from sfpp.pipeline import DTYPES
 # (about 6 GB for Wan2.1-1.3B at 832x480 in bf16) and their chunks take turns on the device, so by default one runs
 # at a time and other viewers are told the server is busy. Raise it where memory and speed allow.
 MAX_STREAMS = 1
+STOPPING_WAIT_S = 60.0  # how long a new stream waits for a stopping one to leave its slot (one chunk, normally)
 QUEUE_CHUNKS = 2  # chunks generated ahead of playback: bounds memory, and the prompt-switch latency
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_PROMPT_CHARS = 2000
@@ -100,6 +108,11 @@ class StreamSession:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Told to stop: its thread leaves the pipeline after the chunk it is generating."""
+        return self._stop.is_set()
 
     # --- the generation thread
 
@@ -246,8 +259,13 @@ class Viewer:
     def streaming(self) -> bool:
         return self.player is not None and not self.player.done()
 
+    async def send(self, message: dict) -> None:
+        """A JSON message to the viewer. A viewer gone meanwhile raises ConnectionError, which ends its handler
+        quietly (`_websocket`): a closed page is an ordinary event, not a server error."""
+        await self.ws.send_json(message)
+
     async def error(self, message: str) -> None:
-        await self.ws.send_json({"type": "error", "message": message})
+        await self.send({"type": "error", "message": message})
 
     async def handle(self, text: str) -> None:
         try:
@@ -261,12 +279,12 @@ class Viewer:
             if not self.streaming:
                 return await self.error("no stream is running: start one first")
             self.session.set_prompt(command["prompt"])
-            await self.ws.send_json({"type": "prompt", "prompt": command["prompt"]})
+            await self.send({"type": "prompt", "prompt": command["prompt"]})
         elif not self.streaming:
             await self.error("no stream is running")
         else:
             await self.stop()
-            await self.ws.send_json({"type": "stopped", "reason": "stopped", "message": ""})
+            await self.send({"type": "stopped", "reason": "stopped", "message": ""})
 
     async def start(self, prompt: str, seed: int) -> None:
         if self.streaming:
@@ -274,6 +292,11 @@ class Viewer:
         if self.session is not None:
             await self.session.done  # the last stream's thread is on its way out
         streams: set[StreamSession] = self.app[STATE].streams
+        stopping = [s.done for s in streams if s.stopping]
+        if len(streams) >= MAX_STREAMS and stopping:
+            # A stream on its way out (stopped, or its viewer left or reloaded) frees its slot after the chunk it is
+            # generating: wait for that rather than answer "busy".
+            await asyncio.wait(stopping, timeout=STOPPING_WAIT_S)
         if len(streams) >= MAX_STREAMS:
             return await self.error(
                 f"busy: {len(streams)} stream(s) running, the most this server runs at once; try again later"
@@ -284,7 +307,7 @@ class Viewer:
         session.done.add_done_callback(lambda _: streams.discard(session))
         session.start(prompt, seed)
         self.session = session
-        await self.ws.send_json({"type": "started", "prompt": prompt, "seed": seed})
+        await self.send({"type": "started", "prompt": prompt, "seed": seed})
         self.player = asyncio.create_task(self._play(session))
 
     async def _play(self, session: StreamSession) -> None:
@@ -318,15 +341,18 @@ async def _websocket(request: web.Request) -> web.WebSocketResponse:
     state.viewers.add(viewer)
     pipe = state.pipe
     s = pipe.settings
-    await ws.send_json(
-        {"type": "ready", "fps": pipe.fps, "width": s.width, "height": s.height, "random_weights": pipe.random_weights}
-    )
     try:
+        await viewer.send(
+            {"type": "ready", "fps": pipe.fps, "width": s.width, "height": s.height,
+             "random_weights": pipe.random_weights}
+        )  # fmt: skip
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 await viewer.handle(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await viewer.error("commands are JSON text messages, not binary ones")
+    except ConnectionError:  # the viewer closed its page or reloaded while we were writing to it
+        pass
     finally:
         await viewer.stop()
         state.viewers.discard(viewer)
@@ -405,16 +431,20 @@ def add_parser(sub) -> None:
     model.add_argument("--config", choices=sorted(CONFIGS), help="use RANDOM weights of a named config (for testing)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="DiT precision (default: bfloat16 on CUDA, else float32)")
+    add_threads_option(p)
     add_decoder_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    pipe = load_pipeline(args)
-    if pipe.random_weights:
-        print(f"sfpp: warning: {why_random(args)}: the video is noise.", file=sys.stderr)
-    try:
-        asyncio.run(serve(pipe, args.host, args.port))
-    except OSError as exc:
-        print(f"sfpp: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
+    # the thread policy of `sfpp generate`: torch's default (every core) spins under load and played the page at
+    # 3 fps where one thread gave the full 8
+    with cpu_threads(args, pick_device(args)):
+        pipe = load_pipeline(args)
+        if pipe.random_weights:
+            print(f"sfpp: warning: {why_random(args)}: the video is noise.", file=sys.stderr)
+        try:
+            asyncio.run(serve(pipe, args.host, args.port))
+        except OSError as exc:
+            print(f"sfpp: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+            return 2
     return 0
