@@ -216,6 +216,7 @@ class ServerState:
     length: dict  # `pipe.stream`'s length arguments
     streams: set[StreamSession] = field(default_factory=set)  # those whose generation thread is running
     viewers: set[Viewer] = field(default_factory=set)
+    stopping: set[asyncio.Future] = field(default_factory=set)  # viewers' stops that outlive their handler
 
 
 STATE = web.AppKey("sfpp", ServerState)
@@ -354,8 +355,13 @@ async def _websocket(request: web.Request) -> web.WebSocketResponse:
     except ConnectionError:  # the viewer closed its page or reloaded while we were writing to it
         pass
     finally:
-        await viewer.stop()
+        # aiohttp cancels this handler when the connection drops, possibly again while it waits here: the viewer is
+        # let go first, and the stop is shielded so that the stream is always stopped and waited for
         state.viewers.discard(viewer)
+        stopping = asyncio.ensure_future(viewer.stop())
+        state.stopping.add(stopping)  # held until done: a task nobody references may be collected mid-way
+        stopping.add_done_callback(state.stopping.discard)
+        await asyncio.shield(stopping)
     return ws
 
 
