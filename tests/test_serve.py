@@ -573,3 +573,16 @@ def test_protocol_fuzz_leaves_the_server_serving(pipe, caplog, capfd):
     caplog.set_level("WARNING")
     with_server(pipe, body)
     no_server_errors(caplog, capfd)
+
+
+def test_load_benchmark_on_loopback(tmp_path):
+    """bench/bench_serve_load.py for a few seconds: the streaming viewer gets the video's frame rate while watchers
+    sit connected and refused viewers are told "busy", and a new viewer is served right after."""
+    from bench import bench_serve_load
+
+    result = bench_serve_load.main(["--seconds", "4", "--watchers", "3", "--refused", "2", "--out-dir", str(tmp_path)])
+    assert result["received_fps_median"] >= 0.75 * result["model_fps"], result["per_second"]
+    assert result["refusals"] >= 4 and result["unexpected_answers"] == 0
+    assert "Traceback" not in result["server_stderr"], result["server_stderr"]
+    assert result["start_after_stop_s"] < 5
+    assert len(list(tmp_path.glob("bench_serve_load-*.json"))) == 1
