@@ -72,6 +72,7 @@ setup(
         "test": [
             *["pytest", "diffusers>=0.35", "transformers", "pytest-benchmark", "tokenizers"],
             *["ruff", "import-linter>=2.1"],  # CI's linters: style, and the floors (pyproject.toml)
+            "peft",  # the LoRA merge's test oracle
             *["triton", "pybind11", "cmake"],
             *["opencv-python-headless", "matplotlib"],  # the training stack's smoke tests
             "flashdreams==0.1.0",  # its TAEHV: the tiny decoder's test oracle (pure Python; pulls boto3, loguru, tyro)

@@ -11,6 +11,7 @@ import torch
 from sfpp.cli.options import (
     SHIPPED_MODELS,
     add_decoder_options,
+    add_student_options,
     add_threads_option,
     cpu_threads,
     load_pipeline,
@@ -75,6 +76,7 @@ def add_parser(sub) -> None:
     gen.add_argument("--window", type=int, help="KV-cache window in latent frames (default: the model's)")
     gen.add_argument("--sink", type=int, help="latent frames kept as attention sinks (default: the model's)")
     add_decoder_options(gen)
+    add_student_options(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     steer = gen.add_argument_group("steering and continuing")
     steer.add_argument(
@@ -120,6 +122,11 @@ def _generate(args: argparse.Namespace, device: torch.device) -> int:
             "over the ring KV cache, decoder, mp4.",
             file=sys.stderr,
         )
+    if pipe.student is not None:
+        s = pipe.settings
+        print(f"sfpp: the {pipe.student} student's settings: chunks of {s.frames_per_chunk} latent frames, window "
+              f"{s.window}, sink {s.sink}, steps {list(pipe.schedule.denoising_steps)} (--list-students)",
+              file=sys.stderr)  # fmt: skip
     overrides = {k: getattr(args, k) for k in ("window", "sink") if getattr(args, k) is not None}
     if overrides:
         pipe.settings = StreamSettings(**{**pipe.settings.__dict__, **overrides})

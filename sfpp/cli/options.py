@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
+from sfpp.models.students import STUDENTS
+from sfpp.models.students import table as students_table
 from sfpp.models.taehv import TAEHVDecoder
 from sfpp.pipeline import DTYPES, KV_DTYPES, SHIPPED_MODELS, Pipeline, check_device, device_defaults
 
@@ -39,6 +41,30 @@ def add_decoder_options(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="TAEHV weights for --decoder tiny (default: taew2_1.safetensors or taew2_1.pth in the model directory)",
     )
+
+
+def add_student_options(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --lora, --lora-alpha, --student, --list-students, which `load_pipeline` reads."""
+    group = parser.add_argument_group("students (a DiT checkpoint over a Wan2.1 directory given as --model)")
+    group.add_argument("--checkpoint", metavar="FILE", help="DiT weights that replace the model's: a Self-Forcing or "
+                       "LongLive .pt (generator_ema / generator), or a .safetensors state dict")  # fmt: skip
+    group.add_argument("--lora", metavar="FILE", help="a LoRA merged into the DiT at load (peft's state dict, or "
+                       "LongLive's lora.pt with its generator_lora)")  # fmt: skip
+    group.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="LoRA alpha; the merge scales by alpha / rank "
+                       "(default: the student's, else alpha = rank)")  # fmt: skip
+    group.add_argument("--student", choices=sorted(STUDENTS), help="a known student's stream settings (window, sink, "
+                       "chunk size, steps, EMA or not); default: detected from --checkpoint / --lora")  # fmt: skip
+    group.add_argument("--list-students", action=_ListStudents, help="print the known students, with a command for "
+                       "each, and exit")  # fmt: skip
+
+
+class _ListStudents(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(students_table())
+        parser.exit()
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +125,13 @@ def load_pipeline(args: argparse.Namespace) -> Pipeline:
     if args.decoder_weights is not None and args.decoder != "tiny":
         raise ValueError("--decoder-weights is the weights file of --decoder tiny: add --decoder tiny")
     tiny = {"decoder": "tiny", "decoder_path": args.decoder_weights} if args.decoder == "tiny" else {}
+    student = {k: getattr(args, k, None) for k in ("checkpoint", "lora", "lora_alpha", "student")}
+    student = {k: v for k, v in student.items() if v is not None}
+    if student and not args.model:
+        raise ValueError(f"--{next(iter(student)).replace('_', '-')} goes with --model WAN_DIR: the Wan2.1 directory "
+                         "whose text encoder and VAE the student uses")  # fmt: skip
     if args.model:
-        return Pipeline.from_pretrained(args.model, **options, **tiny)
+        return Pipeline.from_pretrained(args.model, **student, **options, **tiny)
     if args.config is None and (DEFAULT_MODEL_DIR / "sfpp_pipeline.json").is_file():
         return Pipeline.from_pretrained(DEFAULT_MODEL_DIR, **options, **tiny)
     pipe = Pipeline.from_config(args.config or "tiny", **options)

@@ -37,6 +37,7 @@ from aiohttp import WSMsgType, web
 
 from sfpp.cli.options import (
     add_decoder_options,
+    add_student_options,
     add_threads_option,
     cpu_threads,
     load_pipeline,
@@ -439,6 +440,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="DiT precision (default: bfloat16 on CUDA, else float32)")
     add_threads_option(p)
     add_decoder_options(p)
+    add_student_options(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -166,6 +166,17 @@ def generator_state_dict(ckpt: dict, *, ema: bool = True, source: str = "checkpo
     return out
 
 
+def checkpoint_entries(path: str | Path) -> set[str]:
+    """The top-level entries of a .pt checkpoint (`generator`, `generator_ema`, `generator_lora`, ...) that name
+    parts rather than tensors; empty for a plain state dict or a .safetensors file."""
+    from sfpp.models.checkpoint import load_file
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return set()
+    return {k for k, v in load_file(path).items() if isinstance(v, dict)}
+
+
 def load_dit(cfg: WanConfig, weights: dict[str, Tensor], *, source: str, model: WanModel | None = None) -> WanModel:
     """Load Wan-, diffusers- or Self-Forcing-named DiT weights into a meta-device model (or `model`)."""
     if is_diffusers_layout(weights):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,7 @@ class Pipeline:
         self.schedule = schedule or FlowMatchSchedule()
         self.settings = settings or StreamSettings()
         self.random_weights = random_weights
+        self.student: str | None = None  # the known student whose preset `from_pretrained` applied
         if text_encoder.text_len > transformer.cfg.text_len:
             raise ValueError(
                 f"text encoder emits {text_encoder.text_len} tokens, more than transformer text_len "
@@ -154,27 +155,46 @@ class Pipeline:
         path: str | Path,
         checkpoint: str | Path | None = None,
         *,
+        lora: str | Path | None = None,
+        lora_alpha: float | None = None,
+        student: str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         kernels: str | None = None,
-        ema: bool = True,
+        ema: bool | None = None,
         settings: StreamSettings | None = None,
         decoder: str | None = None,
         decoder_path: str | Path | None = None,
         **options,
     ) -> Pipeline:
         """Load a model: a shipped model by name (`SHIPPED_MODELS`: "default") or a directory, sfpp's own
-        (`save_pretrained`), Wan2.1's original layout (config.json, diffusion_pytorch_model.safetensors,
-        Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or the diffusers layout (model_index.json).
-        `checkpoint`: DiT weights that replace the directory's, e.g. a Self-Forcing `.pt` (its `generator_ema` if
-        `ema` and present, else `generator`). Weights are read tensor by tensor onto meta-device models: no second
-        copy. `decoder="tiny"`: decode with TAEHV (`sfpp.models.taehv`) from `decoder_path`, by default
-        taew2_1.safetensors or taew2_1.pth in the model directory. Unless given, `dtype`, `kernels` (a
-        `WanModel.use_kernels` backend, or "none") and the option `cuda_graph` follow the device (`device_defaults`:
-        the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`."""
+        (`save_pretrained`), Wan2.1's original layout (config.json, diffusion_pytorch_model.safetensors, Wan2.1_VAE.pth,
+        models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl) or the diffusers layout (model_index.json). `checkpoint`: DiT
+        weights that replace the directory's, e.g. a Self-Forcing `.pt` (its `generator_ema` if `ema` and present, else
+        `generator`). `lora`: a LoRA (peft's state dict, or LongLive's `generator_lora`) merged into the DiT at load,
+        scaled by `lora_alpha` / rank (default: the student's alpha, else 1). `student`: a known student's preset
+        (`sfpp.models.students.STUDENTS`: window, sink, chunk size, steps, EMA or not), else detected from the
+        checkpoint's entries; `settings`, `ema`, `lora_alpha` override it. Weights are read tensor by tensor onto
+        meta-device models: no second copy. `decoder="tiny"`: decode with TAEHV (`sfpp.models.taehv`) from
+        `decoder_path`, by default taew2_1.safetensors or taew2_1.pth in the model directory. Unless given, `dtype`,
+        `kernels` (a `WanModel.use_kernels` backend, or "none") and the option `cuda_graph` follow the device
+        (`device_defaults`: the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`."""
         from sfpp.models import wan_checkpoints as wc
+        from sfpp.models.lora import load_lora
+        from sfpp.models.students import detect_student, get_student
 
         device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
+        entries = wc.checkpoint_entries(checkpoint) if checkpoint is not None else set()
+        if "generator_lora" in entries:
+            raise CheckpointError(f"{checkpoint} is a LoRA adapter (generator_lora): pass it as lora=, with the base "
+                                  "generator as checkpoint=")  # fmt: skip
+        preset = get_student(student) if student is not None else None
+        if preset is None and (checkpoint is not None or lora is not None):
+            preset = detect_student(entries, lora is not None)
+        if preset is not None and preset.needs_lora and lora is None:
+            raise ValueError(f"the {preset.name} student is a base generator plus a LoRA: give lora= (--lora FILE) "
+                             "as well, or the video would come from the base model alone")  # fmt: skip
+        ema = (preset.ema if preset is not None else True) if ema is None else ema
         path = Path(path)
         layout = wc.detect_layout(path) if path.is_dir() else None
         if layout is None and str(path) in SHIPPED_MODELS:
@@ -197,6 +217,15 @@ class Pipeline:
             pipe = cls(transformer, text_encoder, vae, settings=settings, **options)
         if checkpoint is not None:
             wc.load_checkpoint(pipe.transformer, checkpoint, ema=ema, dtype=read_dtype)
+        if lora is not None:
+            alpha = lora_alpha if lora_alpha is not None else getattr(preset, "lora_alpha", None)
+            load_lora(pipe.transformer, lora, alpha)
+        if preset is not None:
+            pipe.schedule = preset.schedule
+            if settings is None:
+                pipe.settings = replace(pipe.settings, frames_per_chunk=preset.frames_per_chunk, window=preset.window,
+                                        sink=preset.sink)  # fmt: skip
+        pipe.student = preset.name if preset is not None else None
         pipe.transformer.use_kernels(None if kernels == "none" else kernels)
         if decoder is not None:
             if decoder != "tiny":
