@@ -178,16 +178,32 @@ def test_cli_knobs_reach_the_pipeline(tmp_path, capsys, monkeypatch):
     assert read_mp4(tmp_path / "o.mp4")[1].shape[0] == 5
 
 
-def test_cli_threads(tmp_path, monkeypatch):
-    """One CPU thread by default (measured faster, bench/results/bench_threads-*.json), --threads to choose; the
-    caller's count is restored afterwards."""
-    calls = []
-    real = torch.set_num_threads
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real(n))
+def test_threads_policy_in_the_pipeline_for_the_api_and_the_cli(tmp_path, monkeypatch):
+    """One CPU thread while a pipeline works by default (measured faster, bench/results/bench_threads-*.json), for
+    the Python API and the CLI alike; `cpu_threads=` / --threads to choose, None for torch's own; the caller's
+    count holds in between chunks and afterwards."""
+    from sfpp.engine.graph import ChunkRunner
+
+    seen = []
+    real_call = ChunkRunner.__call__
+    record = lambda self, *a: seen.append(torch.get_num_threads()) or real_call(self, *a)  # noqa: E731
+    monkeypatch.setattr(ChunkRunner, "__call__", record)
     before = torch.get_num_threads()
+    stream = Pipeline.from_config("tiny").stream("x", num_frames=4, seed=0, progress=False)
+    for _ in stream:
+        assert torch.get_num_threads() == before  # the caller's, between chunks
+    assert seen and set(seen) == {cli_options.DEFAULT_CPU_THREADS}
+    seen.clear()
+    list(Pipeline.from_config("tiny", cpu_threads=None).stream("x", num_frames=2, seed=0, progress=False))
+    assert set(seen) == {before}
+    with pytest.raises(ValueError, match="cpu_threads must be a positive integer"):
+        Pipeline.from_config("tiny", cpu_threads=0)
+    seen.clear()
     args = ["generate", "-p", "x", "--config", "tiny", "-n", "1", "--quiet", "-o", str(tmp_path / "o.mp4")]
-    assert main(args) == 0 and main([*args, "--threads", "2"]) == 0
-    assert calls == [cli_options.DEFAULT_CPU_THREADS, before, 2, before] and torch.get_num_threads() == before
+    assert main(args) == 0 and set(seen) == {cli_options.DEFAULT_CPU_THREADS}
+    seen.clear()
+    assert main([*args, "--threads", "2"]) == 0 and set(seen) == {2} and torch.get_num_threads() == before
+    assert main([*args, "--threads", "0"]) == 2
 
 
 def _help_of_every_option(p: argparse.ArgumentParser) -> dict[str, str]:

@@ -13,7 +13,6 @@ from sfpp.cli.options import (
     add_decoder_options,
     add_student_options,
     add_threads_option,
-    cpu_threads,
     load_pipeline,
     pick_device,
     why_random,
@@ -107,9 +106,7 @@ def _seconds(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = pick_device(args)
-    with cpu_threads(args, device):
-        return _generate(args, device)
+    return _generate(args, pick_device(args))
 
 
 def _generate(args: argparse.Namespace, device: torch.device) -> int:

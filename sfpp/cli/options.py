@@ -4,21 +4,23 @@ pipeline a command line asks for (--model, else the shipped model, else random w
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
 from sfpp.models.students import STUDENTS
 from sfpp.models.students import table as students_table
 from sfpp.models.taehv import TAEHVDecoder
-from sfpp.pipeline import DTYPES, KV_DTYPES, SHIPPED_MODELS, Pipeline, check_device, device_defaults
+from sfpp.pipeline import (
+    DEFAULT_CPU_THREADS,
+    DTYPES,
+    KV_DTYPES,
+    SHIPPED_MODELS,
+    Pipeline,
+    check_device,
+    device_defaults,
+)
 
 DEFAULT_MODEL_DIR = SHIPPED_MODELS["default"]
-# CPU threads of `sfpp generate` (--threads). Measured with the README's command on the shipped model on a 2-core
-# machine shared with other work (bench/results/bench_threads-cpu-*.json): two threads were 10% faster when the cores
-# were free, and 12x to 22x slower when other processes held them (median 221 s against 15 s for one thread).
-DEFAULT_CPU_THREADS = 1
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,27 +70,14 @@ class _ListStudents(argparse.Action):
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    """--threads, which `cpu_threads` reads (sfpp generate, sfpp serve)."""
+    """--threads, which `pipeline_options` hands to the pipeline (sfpp generate, sfpp serve)."""
     parser.add_argument(
         "--threads",
         type=int,
-        help=f"CPU threads for torch (default on a CPU: {DEFAULT_CPU_THREADS}: the shipped model's small matmuls gain "
-        "10%% from a second free core and lose up to 22x when other work holds it; on CUDA: torch's default)",
+        help=f"CPU threads for torch while generating (default on a CPU: {DEFAULT_CPU_THREADS}: the shipped model's "
+        "small matmuls gain 10%% from a second free core and lose up to 22x when other work holds it; on CUDA: "
+        "torch's default)",
     )
-
-
-@contextlib.contextmanager
-def cpu_threads(args: argparse.Namespace, device: torch.device) -> Iterator[None]:
-    """torch's thread count for the command (--threads, else DEFAULT_CPU_THREADS on a CPU), restored afterwards for
-    callers of main() in the same process."""
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads or (DEFAULT_CPU_THREADS if device.type == "cpu" else previous))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
@@ -99,6 +88,10 @@ def pipeline_options(args: argparse.Namespace, device: torch.device) -> dict:
     """from_pretrained/from_config keywords from the knobs; left out where not given (the device's defaults). The
     knobs `sfpp serve` lacks count as not given."""
     options = {"device": device, "compile": getattr(args, "compile", False)}
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        options["cpu_threads"] = args.threads
     if args.dtype is not None:
         options["dtype"] = DTYPES[args.dtype]
     if getattr(args, "kernels", None) is not None:

@@ -39,9 +39,7 @@ from sfpp.cli.options import (
     add_decoder_options,
     add_student_options,
     add_threads_option,
-    cpu_threads,
     load_pipeline,
-    pick_device,
     why_random,
 )
 from sfpp.models.dit import CONFIGS
@@ -444,15 +442,12 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # the thread policy of `sfpp generate`: torch's default (every core) spins under load and played the page at
-    # 3 fps where one thread gave the full 8
-    with cpu_threads(args, pick_device(args)):
-        pipe = load_pipeline(args)
-        if pipe.random_weights:
-            print(f"sfpp: warning: {why_random(args)}: the video is noise.", file=sys.stderr)
-        try:
-            asyncio.run(serve(pipe, args.host, args.port))
-        except OSError as exc:
-            print(f"sfpp: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-            return 2
+    pipe = load_pipeline(args)  # with generate's thread policy (the pipeline's): torch's default (every core)
+    if pipe.random_weights:  # spun under load and played the page at 3 fps where one thread gave the full 8
+        print(f"sfpp: warning: {why_random(args)}: the video is noise.", file=sys.stderr)
+    try:
+        asyncio.run(serve(pipe, args.host, args.port))
+    except OSError as exc:
+        print(f"sfpp: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
     return 0

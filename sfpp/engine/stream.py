@@ -16,7 +16,9 @@ pass, and the stream continues from there.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,20 @@ from tqdm.auto import tqdm
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.graph import ChunkRunner
 from sfpp.engine.sampler import add_noise, nvtx_range, randn
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to `count` for the block and restored after it (None: left as it is)."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -246,7 +262,7 @@ class VideoStream:
             self.close()
             raise StopIteration
         try:
-            with self.pipe._states.device_lock:
+            with self.pipe._states.device_lock, torch_threads(self.pipe.threads_for_work):
                 return self._next_chunk()
         except torch.OutOfMemoryError as exc:
             self.close()

@@ -21,7 +21,7 @@ from torch import Tensor
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.graph import ChunkRunner
 from sfpp.engine.sampler import FlowMatchSchedule, nvtx_range
-from sfpp.engine.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for
+from sfpp.engine.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for, torch_threads
 from sfpp.models.checkpoint import CheckpointError, load_file, load_weights
 from sfpp.models.dit import WanConfig, WanModel, get_config
 from sfpp.models.taehv import TAEHVDecoder
@@ -30,6 +30,7 @@ from sfpp.models.toy import PatchPCACodec
 from sfpp.models.umt5 import UMT5TextEncoder
 from sfpp.models.vae import WanVAE
 from sfpp.pipeline.settings import (
+    DEFAULT_CPU_THREADS,
     DTYPES,
     KERNELS,
     KV_DTYPES,
@@ -47,8 +48,8 @@ from sfpp.pipeline.settings import (
 from sfpp.video import LatentPreviewDecoder, num_latent_frames
 
 __all__ = [  # with what the pipeline's callers (the CLI, the benchmark, train/) take from settings
-    "DECODERS", "DTYPES", "KERNELS", "KV_DTYPES", "SHIPPED_MODELS", "TEXT_ENCODERS", "Pipeline", "PipelineOutput",
-    "StreamSettings", "check_device", "device_defaults", "unsupported",
+    "DECODERS", "DEFAULT_CPU_THREADS", "DTYPES", "KERNELS", "KV_DTYPES", "SHIPPED_MODELS", "TEXT_ENCODERS",
+    "Pipeline", "PipelineOutput", "StreamSettings", "check_device", "device_defaults", "unsupported",
 ]  # fmt: skip
 
 CONFIG_FILE = "sfpp_pipeline.json"
@@ -80,10 +81,16 @@ class Pipeline:
         compile: bool = False,
         compile_options: dict | None = None,
         kv_dtype: torch.dtype | None = None,
+        cpu_threads: int | None = DEFAULT_CPU_THREADS,
     ) -> None:
         """`cuda_graph`: capture each chunk's work once and replay it (CUDA only; eager elsewhere). `compile`:
         `torch.compile` the chunk (with `compile_options`); both together replay compiled kernels. `kv_dtype`:
-        the self-attention KV cache's dtype (default: the DiT's; `torch.float8_e4m3fn` halves it)."""
+        the self-attention KV cache's dtype (default: the DiT's; `torch.float8_e4m3fn` halves it). `cpu_threads`:
+        torch's thread count while this pipeline works on a CPU (encoding prompts, each chunk), the caller's
+        restored in between (None: torch's own setting); `sfpp generate --threads` sets it."""
+        if cpu_threads is not None and (not isinstance(cpu_threads, int) or cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be a positive integer or None, got {cpu_threads!r}")
+        self.cpu_threads = cpu_threads
         if text_encoder.text_dim != transformer.cfg.text_dim:
             raise ValueError(
                 f"text encoder dim {text_encoder.text_dim} != transformer text_dim {transformer.cfg.text_dim}"
@@ -107,6 +114,11 @@ class Pipeline:
         self.runner_options = {"cuda_graph": cuda_graph, "compile": compile, "compile_options": compile_options}
         self.kv_dtype = kv_dtype
         self._states = StatePool()  # caches and runners of finished streams, for the next stream of their shape
+
+    @property
+    def threads_for_work(self) -> int | None:
+        """The thread count the pipeline's work runs with here: `cpu_threads` on a CPU, torch's own elsewhere."""
+        return self.cpu_threads if self.device.type == "cpu" else None
 
     @property
     def device(self) -> torch.device:
@@ -469,19 +481,20 @@ class Pipeline:
                 )
             sf = self.decoder.spatial_factor
             video = prepare_video(video, h * sf, w * sf, self.decoder.temporal_factor, len(prompts))
-        return VideoStream(
-            self,
-            prompts,
-            num_frames=num_frames,
-            latent_size=(h, w),
-            generator=generator,
-            switches=switches,
-            recache=recache,
-            video=video,
-            include_video=include_video,
-            progress=progress,
-            return_latents=return_latents,
-        )
+        with torch_threads(self.threads_for_work):  # prompts (and given frames) are encoded as the stream starts
+            return VideoStream(
+                self,
+                prompts,
+                num_frames=num_frames,
+                latent_size=(h, w),
+                generator=generator,
+                switches=switches,
+                recache=recache,
+                video=video,
+                include_video=include_video,
+                progress=progress,
+                return_latents=return_latents,
+            )
 
     def _schedule(self, schedule, starts_at_zero: bool) -> list[tuple[int, str | list[str]]]:
         """[(seconds, prompt), ...] -> [(first generated video frame of the prompt, prompt), ...]."""

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# torch's CPU threads while a pipeline works (`Pipeline(cpu_threads=)`, `sfpp generate --threads`). Measured with the
+# README's command on the shipped model on a 2-core machine (bench/results/bench_threads-cpu-*.json): two threads were
+# 10% faster when the cores were free, and 12x to 22x slower when other processes held them (median 221 s against
+# 15 s for one thread); the README's API snippet took 54 s with torch's default where the CLI took 8.4 s.
+DEFAULT_CPU_THREADS = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The self-attention KV cache holds K/V in the DiT's dtype, or in fp8 with per-token-per-head scales.
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
