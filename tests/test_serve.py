@@ -415,6 +415,10 @@ def test_page_plays_and_steers_the_stream_in_headless_chromium():
                 "document.getElementById('status').textContent.startsWith('switching to: a small cyan')"
             )
             page.wait_for_function(f"{chunk} >= {switched_at + QUEUE_CHUNKS + 2}", timeout=20_000)
+            page.wait_for_function(  # and once the new prompt's chunks play, the status says so
+                "document.getElementById('status').textContent === 'streaming: ' + " + json.dumps(OTHER_PROMPT),
+                timeout=10_000,
+            )
 
             page.click("#stop")
             page.wait_for_function("document.getElementById('status').textContent === 'stopped'", timeout=10_000)
@@ -586,3 +590,23 @@ def test_load_benchmark_on_loopback(tmp_path):
     assert "Traceback" not in result["server_stderr"], result["server_stderr"]
     assert result["start_after_stop_s"] < 5
     assert len(list(tmp_path.glob("bench_serve_load-*.json"))) == 1
+
+
+def test_stats_say_when_a_prompt_switch_has_taken_hold(pipe):
+    """Each chunk's stats name the prompt it was generated under, so the page's status moves from "switching to"
+    to "streaming" once the new prompt's chunks arrive (the page's status used to stay at "switching to")."""
+
+    async def body(app, connect):
+        async with connect() as ws:
+            await next_json(ws, "ready")
+            await ws.send_json({"type": "start", "prompt": PROMPT})
+            assert (await next_json(ws, "stats"))["prompt"] == PROMPT
+            await ws.send_json({"type": "prompt", "prompt": OTHER_PROMPT})
+            await next_json(ws, "prompt")
+            for _ in range(QUEUE_CHUNKS + 3):  # the queued chunks were made under the old prompt
+                if (await next_json(ws, "stats"))["prompt"] == OTHER_PROMPT:
+                    break
+            else:
+                raise AssertionError("no chunk of the new prompt arrived")
+
+    with_server(pipe, body)

@@ -73,6 +73,7 @@ class _Chunk:
     index: int
     first_frame: int
     frames: list[bytes]  # PNG each
+    prompt: str  # the prompt it was generated under (a switch holds from the chunk after it was asked)
     generate_fps: float  # frames per second of generation time so far (time blocked on the queue left out)
 
 
@@ -150,14 +151,15 @@ class StreamSession:
                 pngs = [bytes(codec.encode(av.VideoFrame.from_ndarray(f, format="rgb24"))[0]) for f in frames]
                 frames_done += len(pngs)
                 busy_s += time.perf_counter() - start
-                self._put(_Chunk(chunk_index, frame_index, pngs, frames_done / busy_s))
+                self._put(_Chunk(chunk_index, frame_index, pngs, prompt, frames_done / busy_s))
                 chunk_index, frame_index = chunk_index + 1, frame_index + len(pngs)
                 if self._stop.is_set():
                     raise _Stopped
                 start = time.perf_counter()
                 new_prompt = self._take_prompt()
                 if new_prompt is not None:
-                    stream.set_prompt(new_prompt)  # from the next chunk on, the cached frames re-encoded (no cut)
+                    stream.set_prompt(new_prompt)
+                    prompt = new_prompt  # from the next chunk on, the cached frames re-encoded (no cut)
         finally:
             stream.close()  # hands its KV cache back to the pipeline
 
@@ -196,7 +198,8 @@ async def play(session: StreamSession, ws, fps: float) -> None:
             return
         if starved and (due is None or loop.time() > due):
             due = loop.time()  # the generator fell behind (or this is the start): restart the clock
-        stats = {"type": "stats", "chunk": item.index, "generate_fps": item.generate_fps, "dropped": dropped}
+        stats = {"type": "stats", "chunk": item.index, "prompt": item.prompt, "generate_fps": item.generate_fps,
+                 "dropped": dropped}  # fmt: skip
         await ws.send_json(stats)
         for k, png in enumerate(item.frames):
             newer_waiting = k + 1 < len(item.frames) or not session.queue.empty()
