@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ship-stage",
         default="extended",
         choices=["extended", "grpo", "dmd"],
-        help="which student `ship --ship-to DIR` packages (default: the Self-Forcing++ EMA student)",
+        help="which student `ship --to DIR` packages (default: the Self-Forcing++ EMA student)",
     )
     p.add_argument("--wan-dir", default=None, help="wan2.1-1.3b: the Wan2.1 directory (Wan's or diffusers' layout)")
     p.add_argument("--prompts", default=None, help="wan2.1-1.3b: prompt file, one prompt a line")
