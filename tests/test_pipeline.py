@@ -143,3 +143,48 @@ def test_bad_input(pipe, prompt, kwargs, error, match):
     with pytest.raises(error, match=match):
         pipe(prompt, progress=False, **kwargs)
 
+
+
+def self_forcing_noise_reference(seed: int, batch: int, channels: int, frames: int, fc: int, h: int, w: int,
+                                 steps: int) -> list[list[torch.Tensor]]:  # fmt: skip
+    """Self-Forcing's inference order, written from its description: the caller draws the whole video's noise
+    [B, F, C, h, w] first; then block by block, after every denoising step but the last, the prediction [B, Fc, C,
+    h, w] flattened to [B * Fc, C, h, w] is re-noised with a fresh standard normal of that shape. Per block:
+    [initial [B, Fc, C, h, w], re-noise 1, ...] in [B, Fc, C, h, w]."""
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, frames, channels, h, w, generator=gen)
+    blocks = []
+    for start in range(0, frames, fc):
+        block = [video[:, start : start + fc]]
+        for _ in range(steps - 1):
+            block.append(torch.randn(batch * fc, channels, h, w, generator=gen).unflatten(0, (batch, fc)))
+        blocks.append(block)
+    return blocks
+
+
+def test_self_forcing_noise_order(monkeypatch):
+    """noise_order="self-forcing": the noise each chunk denoises with is Self-Forcing's draw order from one seed;
+    the default order differs; an endless stream cannot draw its whole noise up front."""
+    from sfpp.engine.graph import ChunkRunner
+
+    pipe = Pipeline.from_config("tiny", settings=StreamSettings(frames_per_chunk=2, window=4, height=32, width=32))
+    seen = []
+    real = ChunkRunner.__call__
+    monkeypatch.setattr(ChunkRunner, "__call__", lambda self, noises: seen.append(noises.clone()) or real(self, noises))
+    frames = 13  # 1 + 4 * 3 video frames = 4 latent frames = 2 chunks of 2 for the latent preview (factor 4)
+    out = pipe("a red ball", num_frames=frames, seed=7, progress=False, noise_order="self-forcing")
+    steps = len(pipe.schedule.denoising_steps)
+    reference = self_forcing_noise_reference(7, 1, 16, 4, 2, 4, 4, steps)
+    assert len(seen) == len(reference) == 2
+    for got, want in zip(seen, reference, strict=True):
+        assert got.shape[0] == steps
+        for k in range(steps):  # ours are [B, C, Fc, h, w]
+            torch.testing.assert_close(got[k], want[k].permute(0, 2, 1, 3, 4), rtol=0, atol=0)
+    seen.clear()
+    default = pipe("a red ball", num_frames=frames, seed=7, progress=False)
+    assert not torch.equal(seen[0][1], reference[0][1].permute(0, 2, 1, 3, 4))
+    assert not torch.equal(out.latents, default.latents)
+    with pytest.raises(ValueError, match="give a length"):
+        pipe.stream("x", noise_order="self-forcing")
+    with pytest.raises(ValueError, match="noise_order must be one of"):
+        pipe.stream("x", num_frames=5, noise_order="peer")

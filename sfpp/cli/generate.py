@@ -17,6 +17,7 @@ from sfpp.cli.options import (
     pick_device,
     why_random,
 )
+from sfpp.engine.sampler import NOISE_ORDERS
 from sfpp.models.dit import CONFIGS
 from sfpp.pipeline import DTYPES, KERNELS, KV_DTYPES, StreamSettings
 from sfpp.video import check_output_path, export_to_video, read_video
@@ -37,6 +38,13 @@ def add_parser(sub) -> None:
     length.add_argument("-s", "--seconds", type=float, help=f"video length in seconds (default {DEFAULT_SECONDS:g})")
     length.add_argument("-n", "--num-frames", type=int, help="video length in frames")
     gen.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same video (default 0)")
+    gen.add_argument(
+        "--noise-order",
+        choices=NOISE_ORDERS,
+        default="sfpp",
+        help="self-forcing: draw the noise as Self-Forcing's inference.py does (all initial noise first, then the "
+        "re-noising draws), so one seed gives its video; sfpp (default): each chunk's noise as it starts",
+    )
     gen.add_argument(
         "-o", "--output", default="out.mp4", help="output .mp4 path, checked before generating (default out.mp4)"
     )
@@ -143,6 +151,7 @@ def _generate(args: argparse.Namespace, device: torch.device) -> int:
         recache=not args.no_recache,
         video=video,
         include_video=not args.without_input,
+        noise_order=args.noise_order,
     ):
         frames.append(chunk[0])
     video = torch.cat(frames)

@@ -94,6 +94,37 @@ def draw_noises(
     return torch.stack([randn(shape, generator, device) for _ in range(num_noises(schedule))])
 
 
+class SelfForcingNoise:
+    """A video's noise drawn in the order of Self-Forcing's inference (guandeh17/Self-Forcing,
+    `pipeline/causal_inference.py`), so that one generator state gives its video: every latent frame's initial noise
+    at once as [B, F, C, h, w], then, chunk by chunk, one draw per re-noising step of the prediction flattened to
+    [B * Fc, C, h, w] (its `randn_like(denoised_pred.flatten(0, 1))`); its context pass draws nothing. Values are
+    drawn in fp32 on the generator's device: matching its bf16 noise bit for bit also needs its dtype."""
+
+    def __init__(self, generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device) -> None:
+        batch, channels, frames, h, w = shape  # the whole video's latents
+        self.generator, self.device, self.start = generator, device, 0
+        self.initial = randn((batch, frames, channels, h, w), generator, device)
+
+    def chunk(self, schedule: FlowMatchSchedule, shape: tuple[int, ...]) -> Tensor:
+        """[num_noises, *shape]: the next chunk's noise, as `draw_noises` lays it out for `denoise_chunk`."""
+        if schedule.context_noise > 0:
+            raise ValueError("Self-Forcing's noise order has no draw for a noisy context pass: use context_noise 0")
+        batch, channels, frames, h, w = shape
+        if self.start + frames > self.initial.shape[1]:
+            raise ValueError(f"the video's noise holds {self.initial.shape[1]} latent frames; this chunk ends past it")
+        initial = self.initial[:, self.start : self.start + frames].permute(0, 2, 1, 3, 4)
+        self.start += frames
+        renoise = [
+            randn((batch * frames, channels, h, w), self.generator, self.device).unflatten(0, (batch, frames))
+            for _ in schedule.denoising_steps[1:]
+        ]
+        return torch.stack([initial, *(r.permute(0, 2, 1, 3, 4) for r in renoise)])
+
+
+NOISE_ORDERS = ("sfpp", "self-forcing")  # sfpp: each chunk's noise drawn as the chunk starts (`draw_noises`)
+
+
 def _timesteps(x: Tensor, t: float) -> Tensor:
     return torch.full((x.shape[0], x.shape[2]), t, device=x.device)
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.graph import ChunkRunner
-from sfpp.engine.sampler import FlowMatchSchedule, nvtx_range
+from sfpp.engine.sampler import NOISE_ORDERS, FlowMatchSchedule, SelfForcingNoise, nvtx_range
 from sfpp.engine.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for, torch_threads
 from sfpp.models.checkpoint import CheckpointError, load_file, load_weights
 from sfpp.models.dit import WanConfig, WanModel, get_config
@@ -449,6 +449,7 @@ class Pipeline:
         include_video: bool = True,
         progress: bool = True,
         return_latents: bool = False,
+        noise_order: str = "sfpp",
     ) -> VideoStream:
         """A stream yielding the decoded frames of each chunk, uint8 [B, n, H, W, 3], as soon as it is denoised.
 
@@ -458,7 +459,12 @@ class Pipeline:
         at the next chunk. `recache`: on a switch, recompute the cached frames' K/V under the new prompt (else only
         the text K/V change). `video`: frames [T, H, W, 3] (an image: [H, W, 3]) to continue from, encoded by the
         decoder's encoder and resized to the output's size (see `prepare_video`); the output starts with them when
-        `include_video`. Lengths and schedule times count generated frames only."""
+        `include_video`. Lengths and schedule times count generated frames only. `noise_order="self-forcing"`
+        draws the noise as Self-Forcing's inference does (`SelfForcingNoise`: all initial noise up front, then the
+        re-noising draws), so a generator state gives its video; it needs a length. The default draws each chunk's
+        noise as the chunk starts, which endless streams need."""
+        if noise_order not in NOISE_ORDERS:
+            raise ValueError(f"noise_order must be one of {list(NOISE_ORDERS)}, got {noise_order!r}")
         if prompt is None and not schedule:
             raise TypeError("prompt must be a string or a list of strings (or a schedule from 0 s), got None")
         switches = self._schedule(schedule, prompt is None)
@@ -481,6 +487,14 @@ class Pipeline:
                 )
             sf = self.decoder.spatial_factor
             video = prepare_video(video, h * sf, w * sf, self.decoder.temporal_factor, len(prompts))
+        noise = None
+        if noise_order == "self-forcing":
+            if num_frames is None:
+                raise ValueError("noise_order='self-forcing' draws the whole video's noise up front: give a length")
+            fc = self.settings.frames_per_chunk
+            chunks = -(-num_latent_frames(num_frames, self.decoder.temporal_factor) // fc)
+            shape = (len(prompts), self.transformer.cfg.in_channels, chunks * fc, h, w)
+            noise = SelfForcingNoise(generator, shape, self.device)
         with torch_threads(self.threads_for_work):  # prompts (and given frames) are encoded as the stream starts
             return VideoStream(
                 self,
@@ -494,6 +508,7 @@ class Pipeline:
                 include_video=include_video,
                 progress=progress,
                 return_latents=return_latents,
+                noise=noise,
             )
 
     def _schedule(self, schedule, starts_at_zero: bool) -> list[tuple[int, str | list[str]]]:
