@@ -17,9 +17,8 @@ import triton.language as tl
 from torch import Tensor
 
 from sfpp.kernels._cast import cast
-from sfpp.kernels.reference import adaln_modulate_ref
 
-__all__ = ["adaln_modulate", "adaln_modulate_ref"]
+__all__ = ["adaln_modulate"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -20,9 +20,8 @@ from torch import Tensor
 from sfpp.kernels import _device
 from sfpp.kernels._cast import cast, to_e4m3
 from sfpp.kernels.fp8 import FP8_MAX
-from sfpp.kernels.reference import cache_write_ref, rope_rows
 
-__all__ = ["cache_write", "cache_write_ref", "rope_rows"]
+__all__ = ["cache_write"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FP8_MAX = tl.constexpr(FP8_MAX)

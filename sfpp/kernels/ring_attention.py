@@ -31,9 +31,8 @@ from torch import Tensor
 from sfpp.kernels import _device
 from sfpp.kernels._cast import cast, to_e4m3
 from sfpp.kernels.fp8 import FP8_MAX
-from sfpp.kernels.reference import ring_attention_ref
 
-__all__ = ["TILES", "Tile", "ring_attention", "ring_attention_ref", "tile_for"]
+__all__ = ["TILES", "Tile", "ring_attention", "tile_for"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FP8_STEP = tl.constexpr(1 / FP8_MAX)  # an fp8 scale is amax * _FP8_STEP: amax maps onto the top of e4m3
