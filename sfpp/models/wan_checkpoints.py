@@ -166,15 +166,10 @@ def generator_state_dict(ckpt: dict, *, ema: bool = True, source: str = "checkpo
     return out
 
 
-def checkpoint_entries(path: str | Path) -> set[str]:
-    """The top-level entries of a .pt checkpoint (`generator`, `generator_ema`, `generator_lora`, ...) that name
-    parts rather than tensors; empty for a plain state dict or a .safetensors file."""
-    from sfpp.models.checkpoint import load_file
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return set()
-    return {k for k, v in load_file(path).items() if isinstance(v, dict)}
+def checkpoint_entries(raw: dict) -> set[str]:
+    """The top-level entries of a checkpoint as `read_weights` returns it (`generator`, `generator_ema`,
+    `generator_lora`, ...) that name parts rather than tensors; empty for a plain state dict."""
+    return {k for k, v in raw.items() if isinstance(v, dict)}
 
 
 def load_dit(cfg: WanConfig, weights: dict[str, Tensor], *, source: str, model: WanModel | None = None) -> WanModel:
@@ -188,11 +183,21 @@ def load_dit(cfg: WanConfig, weights: dict[str, Tensor], *, source: str, model: 
     return load_weights(model, weights, source=source)
 
 
-def load_checkpoint(model: WanModel, path: str | Path, *, ema: bool = True, dtype: torch.dtype | None = None):
-    """Replace `model`'s DiT weights with those of a checkpoint (.safetensors, or a Self-Forcing .pt)."""
-    path = Path(path)
-    raw = read_weights(path, dtype=dtype)
-    return load_dit(model.cfg, generator_state_dict(raw, ema=ema, source=str(path)), source=str(path), model=model)
+def load_checkpoint(
+    model: WanModel,
+    checkpoint: str | Path | dict,
+    *,
+    ema: bool = True,
+    dtype: torch.dtype | None = None,
+    source: str | None = None,
+):
+    """Replace `model`'s DiT weights with those of a checkpoint (.safetensors, or a Self-Forcing .pt): a file, or
+    its contents as `read_weights` returned them (read once by a caller that looked at its entries first)."""
+    if isinstance(checkpoint, dict):
+        raw, source = checkpoint, source or "checkpoint"
+    else:
+        raw, source = read_weights(Path(checkpoint), dtype=dtype), str(checkpoint)
+    return load_dit(model.cfg, generator_state_dict(raw, ema=ema, source=source), source=source, model=model)
 
 
 # ----------------------------------------------------------------------------------------------- the VAE

@@ -196,17 +196,6 @@ class Pipeline:
         from sfpp.models.students import detect_student, get_student
 
         device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
-        entries = wc.checkpoint_entries(checkpoint) if checkpoint is not None else set()
-        if "generator_lora" in entries:
-            raise CheckpointError(f"{checkpoint} is a LoRA adapter (generator_lora): pass it as lora=, with the base "
-                                  "generator as checkpoint=")  # fmt: skip
-        preset = get_student(student) if student is not None else None
-        if preset is None and (checkpoint is not None or lora is not None):
-            preset = detect_student(entries, lora is not None)
-        if preset is not None and preset.needs_lora and lora is None:
-            raise ValueError(f"the {preset.name} student is a base generator plus a LoRA: give lora= (--lora FILE) "
-                             "as well, or the video would come from the base model alone")  # fmt: skip
-        ema = (preset.ema if preset is not None else True) if ema is None else ema
         path = Path(path)
         layout = wc.detect_layout(path) if path.is_dir() else None
         if layout is None and str(path) in SHIPPED_MODELS:
@@ -219,6 +208,18 @@ class Pipeline:
                 f"{sorted(SHIPPED_MODELS)})"
             )
         read_dtype = dtype  # cast tensor by tensor while reading: never a second full copy
+        raw = wc.read_weights(Path(checkpoint), dtype=read_dtype) if checkpoint is not None else None
+        entries = wc.checkpoint_entries(raw) if raw is not None else set()
+        if "generator_lora" in entries:
+            raise CheckpointError(f"{checkpoint} is a LoRA adapter (generator_lora): pass it as lora=, with the base "
+                                  "generator as checkpoint=")  # fmt: skip
+        preset = get_student(student) if student is not None else None
+        if preset is None and (checkpoint is not None or lora is not None):
+            preset = detect_student(entries, lora is not None)
+        if preset is not None and preset.needs_lora and lora is None:
+            raise ValueError(f"the {preset.name} student is a base generator plus a LoRA: give lora= (--lora FILE) "
+                             "as well, or the video would come from the base model alone")  # fmt: skip
+        ema = (preset.ema if preset is not None else True) if ema is None else ema
         if layout == "sfpp":
             pipe = cls._from_sfpp_directory(path, load_dit=checkpoint is None, **options)
             if settings is not None:
@@ -228,7 +229,7 @@ class Pipeline:
             transformer, text_encoder, vae = load(path, dtype=read_dtype, load_dit_weights=checkpoint is None)
             pipe = cls(transformer, text_encoder, vae, settings=settings, **options)
         if checkpoint is not None:
-            wc.load_checkpoint(pipe.transformer, checkpoint, ema=ema, dtype=read_dtype)
+            wc.load_checkpoint(pipe.transformer, raw, ema=ema, source=str(checkpoint))
         if lora is not None:
             alpha = lora_alpha if lora_alpha is not None else getattr(preset, "lora_alpha", None)
             load_lora(pipe.transformer, lora, alpha)
