@@ -117,7 +117,7 @@ def test_ship_to_a_directory(fake_run, tmp_path):
     with pytest.raises(ShipError, match="not an sfpp model directory"):
         ship(recipe, out, tmp_path / "mine")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
-    installed = Path(ship_module.sfpp.__file__).parent
+    installed = ship_module.PACKAGE
     if installed != ROOT / "sfpp":
         with pytest.raises(ShipError, match="inside the installed sfpp package"):
             ship(recipe, out, installed / "assets" / "mine")
