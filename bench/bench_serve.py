@@ -6,9 +6,7 @@ driven by Playwright playing one stream for `--seconds`. Saves JSON under bench/
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bench.common import parser as make_parser
-from bench.common import save
+from bench.common import save, serve_in_subprocess
 from sfpp.cli.serve import DEFAULT_PROMPT
 
 
@@ -34,14 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("no chromium found: pass --chromium PATH")
     from playwright.sync_api import sync_playwright
 
-    command = [sys.executable, "-m", "sfpp.cli", "serve", "--port", "0", "--device", args.device]
-    command += ["--model", args.model] if args.model else []
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        line = server.stdout.readline()
-        if "open http" not in line:
-            raise SystemExit(f"the server did not start: {line!r}")
-        url = line.split("open ")[1].split()[0]
+    with serve_in_subprocess(args.device, args.model) as server:
+        url = server.url
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
             page = browser.new_page()
@@ -56,13 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
             t1, frame1, dropped1 = page.evaluate(read)
             generate_fps = float(page.text_content("#gen-fps"))
             browser.close()
-    finally:
-        server.terminate()
-        server.wait(30)
+    sys.stderr.write(server.stderr)  # the server's log, as when it wrote to this terminal
     elapsed = (t1 - t0) / 1000
     shown = frame1 - frame0 - (dropped1 - dropped0)
     results = {
-        "serve_command": " ".join(command[1:]),
+        "serve_command": " ".join(server.command[1:]),
         "browser": args.chromium,
         "seconds": round(elapsed, 2),
         "frames_shown": shown,

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import aiohttp
 import torch
 
 from bench.common import parser as make_parser
-from bench.common import save
+from bench.common import save, serve_in_subprocess
 from sfpp.cli.serve import DEFAULT_PROMPT, FRAME_HEADER
 
 
@@ -157,20 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--note", default="", help="free text saved with the result (e.g. how busy the machine was)")
     parser.add_argument("--out-dir", help="where to save the JSON (default bench/results/)")
     args = parser.parse_args(argv)
-    command = [sys.executable, "-m", "sfpp.cli", "serve", "--port", "0", "--device", args.device]
-    command += ["--model", args.model] if args.model else []
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-    try:
-        line = server.stdout.readline()
-        if "open http" not in line:
-            raise SystemExit(f"the server did not start: {line!r} {server.stderr.read()[-2000:]}")
-        url = line.split("open ")[1].split()[0]
-        load = asyncio.run(run_load(url, server.pid, args.seconds, args.watchers, args.refused, args.prompt))
-    finally:
-        server.terminate()
-        _, stderr = server.communicate(timeout=60)
-    results = {"serve_command": " ".join(command[1:]), **load, "server_stderr": stderr[-4000:], "note": args.note}
+    with serve_in_subprocess(args.device, args.model) as server:
+        load = asyncio.run(
+            run_load(server.url, server.process.pid, args.seconds, args.watchers, args.refused, args.prompt)
+        )
+    results = {"serve_command": " ".join(server.command[1:]), **load, "server_stderr": server.stderr[-4000:],
+               "note": args.note}  # fmt: skip
     print({k: v for k, v in results.items() if k != "per_second"})
     out_dir = Path(args.out_dir) if args.out_dir else None
     print("saved", save("bench_serve_load", torch.device(args.device), results, out_dir))

@@ -4,6 +4,13 @@ their provenance. The record itself (device, commit, date, command) is `sfpp.ben
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,3 +46,36 @@ def dispatch_meta(name: str, **extra) -> dict:
 def save(name: str, device: torch.device, results: dict, out_dir: Path | None = None) -> Path:
     """`sfpp.benchmark.record.save` into bench/results/ unless told otherwise."""
     return record.save(name, device, results, out_dir or RESULTS_DIR)
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str  # the page, as the server printed it
+    command: list[str]
+    stderr: str = ""  # what it wrote to stderr, once it has stopped
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(device: str, model: str | None = None) -> Iterator[Server]:
+    """`sfpp serve` on a free loopback port in a subprocess (stderr kept in a file, so it never blocks on a full
+    pipe), stopped and its stderr read when the block ends."""
+    command = [sys.executable, "-m", "sfpp.cli", "serve", "--port", "0", "--device", device]
+    command += ["--model", model] if model else []
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        server = Server(process, "", command)
+        try:
+            line = process.stdout.readline()
+            if "open http" not in line:
+                process.wait(60)
+                err.seek(0)
+                raise SystemExit(f"the server did not start: {line!r} {err.read()[-2000:]}")
+            server.url = line.split("open ")[1].split()[0]
+            yield server
+        finally:
+            process.terminate()
+            process.wait(60)
+            err.seek(0)
+            server.stderr = err.read()
