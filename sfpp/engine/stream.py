@@ -283,7 +283,8 @@ class VideoStream:
         if pending or due:
             self._switch(*(pending or due))
         start = cache.frames_done
-        # The chunk's noise, drawn in the eager sampler's order: the same video in every runner mode.
+        # The chunk's noise, drawn outside the runner (the same video in every runner mode): in the eager sampler's
+        # order, or taken from the whole video's noise drawn up front in a peer's order.
         if self._noise is not None:
             noises = self._noise.chunk(pipe.schedule, self.shape)
         else:
