@@ -30,6 +30,21 @@ def _repository_state() -> str | None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def prompt_embeddings_in_a_temporary_folder(tmp_path_factory):
+    """Pipelines with umT5 cache prompt embeddings on disk (`sfpp.pipeline.prompt_cache`): never in the user's
+    ~/.cache from a test, in subprocesses (the CLI) too."""
+    from sfpp.pipeline.prompt_cache import ENV
+
+    old = os.environ.get(ENV)
+    os.environ[ENV] = str(tmp_path_factory.mktemp("sfpp-cache"))
+    yield
+    if old is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def the_tests_leave_the_repository_as_it_was():
     """Nothing a test runs may write into the checkout (shipped models, README, bench/results, ...): the whole
     session is checked against `git status` before and after."""

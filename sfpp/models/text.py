@@ -6,6 +6,8 @@ bytes or hashed words, for CPU work and the toy world.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import warnings
 import zlib
@@ -81,6 +83,14 @@ class ByteTextEncoder(nn.Module):
         with torch.device("meta"):
             encoder = cls(ByteTextEncoderConfig(**meta["config"]))
         return load_weights(encoder, load_file(directory / cls.WEIGHTS), source=str(directory / cls.WEIGHTS))
+
+    def fingerprint(self) -> str:
+        """What its embeddings depend on (config and weights), for the prompt-embedding cache."""
+        digest = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(t.detach().float().cpu().numpy().tobytes())
+        return f"byte-{digest.hexdigest()}"
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         """[B, text_len] token ids; a prompt longer than text_len - 1 tokens is cut there, with a warning."""

@@ -8,7 +8,9 @@ weights live on the CPU and visit the GPU only while encoding.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import re
 from pathlib import Path
 
@@ -93,6 +95,7 @@ class UMT5TextEncoder:
         self.text_len = text_len
         self.offload = offload
         self.device = torch.device("cpu")  # where encoding runs and embeddings are returned
+        self.sources: tuple[Path, ...] = ()  # the files and folders it was loaded from (its `fingerprint`)
 
     @property
     def text_dim(self) -> int:
@@ -109,7 +112,9 @@ class UMT5TextEncoder:
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"{what} directory not found: {path}")
         model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=kwargs.pop("dtype", "auto"))
-        return cls(model, AutoTokenizer.from_pretrained(str(tokenizer_dir)), **kwargs)
+        encoder = cls(model, AutoTokenizer.from_pretrained(str(tokenizer_dir)), **kwargs)
+        encoder.sources = (Path(model_dir), Path(tokenizer_dir))
+        return encoder
 
     @classmethod
     def from_wan(
@@ -134,7 +139,20 @@ class UMT5TextEncoder:
 
             raise CheckpointError(f"{checkpoint} does not fit umT5: missing {missing}, unexpected {unexpected}")
         model.encoder.embed_tokens = model.shared  # tied, as transformers expects
-        return cls(model, AutoTokenizer.from_pretrained(str(tokenizer_dir)), **kwargs)
+        encoder = cls(model, AutoTokenizer.from_pretrained(str(tokenizer_dir)), **kwargs)
+        encoder.sources = (Path(checkpoint), Path(tokenizer_dir))
+        return encoder
+
+    def fingerprint(self) -> str | None:
+        """What its embeddings depend on, for the prompt-embedding cache: the files it was loaded from (path, size,
+        modification time: hashing 11 GB of weights would cost more than encoding), its dtype and text length.
+        None for a model built in memory (nothing on disk to name it by)."""
+        if not self.sources:
+            return None
+        files = [f for s in self.sources for f in (sorted(s.rglob("*")) if s.is_dir() else [s]) if f.is_file()]
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        key = json.dumps([self.text_len, str(self.model.dtype), stats])
+        return f"umt5-{hashlib.sha256(key.encode()).hexdigest()}"
 
     # --- the pipeline's part interface
 

@@ -270,6 +270,9 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)  # latent -> decoder input
         self.decoder = Decoder3d(cfg)
         self._stats: dict[torch.device, Tensor] = {}  # fp32 (mean, std) per device, whatever the VAE's dtype
+        # Latent frames per decoder call in the pipeline's streams (None: a whole chunk): 1 holds a third of the
+        # activations of a 3-frame chunk and gives the same frames (`Pipeline.fit_memory` sets it when memory is short).
+        self.frames_per_call: int | None = None
 
     # --- the pipeline's decoder interface
 
@@ -321,7 +324,7 @@ class WanVAE(nn.Module):
         return self._stats[device]
 
     def stream(self, *, frames_per_call: int | None = None) -> VAEStream:
-        return VAEStream(self, frames_per_call=frames_per_call)
+        return VAEStream(self, frames_per_call=frames_per_call or self.frames_per_call)
 
     # --- whole videos
 

@@ -10,6 +10,7 @@ export_to_video(video, "out.mp4", fps=pipe.fps)
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.graph import ChunkRunner
-from sfpp.engine.sampler import NOISE_ORDERS, FlowMatchSchedule, SelfForcingNoise, nvtx_range
+from sfpp.engine.sampler import NOISE_ORDERS, FlowMatchSchedule, SelfForcingNoise, num_noises, nvtx_range
 from sfpp.engine.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for, torch_threads
 from sfpp.models.checkpoint import CheckpointError, load_file, load_weights
 from sfpp.models.dit import WanConfig, WanModel, get_config
@@ -29,6 +30,8 @@ from sfpp.models.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.models.toy import PatchPCACodec
 from sfpp.models.umt5 import UMT5TextEncoder
 from sfpp.models.vae import WanVAE
+from sfpp.pipeline.memory import GiB, MemoryPlan, memory_plan
+from sfpp.pipeline.prompt_cache import PromptCache
 from sfpp.pipeline.settings import (
     DEFAULT_CPU_THREADS,
     DTYPES,
@@ -48,8 +51,8 @@ from sfpp.pipeline.settings import (
 from sfpp.video import LatentPreviewDecoder, num_latent_frames
 
 __all__ = [  # with what the pipeline's callers (the CLI, the benchmark, train/) take from settings
-    "DECODERS", "DEFAULT_CPU_THREADS", "DTYPES", "KERNELS", "KV_DTYPES", "SHIPPED_MODELS", "TEXT_ENCODERS",
-    "Pipeline", "PipelineOutput", "StreamSettings", "check_device", "device_defaults", "unsupported",
+    "DECODERS", "DEFAULT_CPU_THREADS", "DTYPES", "KERNELS", "KV_DTYPES", "MEMORY_MODES", "SHIPPED_MODELS",
+    "TEXT_ENCODERS", "Pipeline", "PipelineOutput", "StreamSettings", "check_device", "device_defaults", "unsupported",
 ]  # fmt: skip
 
 CONFIG_FILE = "sfpp_pipeline.json"
@@ -65,8 +68,20 @@ SHIPPED_MODELS = {
 # `save(directory)`; other modules register theirs here (the Wan VAE, umT5, the toy world's codec).
 TEXT_ENCODERS: dict[str, type] = {"byte": ByteTextEncoder, "umt5": UMT5TextEncoder}
 DECODERS: dict[str, type] = {
-    "preview": LatentPreviewDecoder, "wan-vae": WanVAE, "taehv": TAEHVDecoder, "patch-pca": PatchPCACodec
+    "preview": LatentPreviewDecoder,
+    "wan-vae": WanVAE,
+    "taehv": TAEHVDecoder,
+    "patch-pca": PatchPCACodec,
 }
+# `from_pretrained(memory=)`: "auto" saves memory when the default size would not fit the device's free memory
+# (`Pipeline.fit_memory`), "low" always, "full" never.
+MEMORY_MODES = ("auto", "low", "full")
+# Room left on the device beyond the memory model's peak: the CUDA context and cuBLAS workspaces (~0.5 GiB) and the
+# caching allocator's slack.
+MEMORY_MARGIN = 1 * GiB
+log = logging.getLogger("sfpp")
+
+
 class Pipeline:
     def __init__(
         self,
@@ -113,6 +128,8 @@ class Pipeline:
             )
         self.runner_options = {"cuda_graph": cuda_graph, "compile": compile, "compile_options": compile_options}
         self.kv_dtype = kv_dtype
+        self.text_encoder_device: torch.device | None = None  # where prompts are encoded (None: the DiT's device)
+        self.prompt_cache: PromptCache | None = None  # prompt embeddings kept on disk (`from_pretrained`)
         self._states = StatePool()  # caches and runners of finished streams, for the next stream of their shape
 
     @property
@@ -140,10 +157,12 @@ class Pipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         kernels: str | None = None,
+        memory: str = "auto",
         **options,
     ) -> Pipeline:
         """A pipeline with random weights of a named config: exercises every stage, generates noise-like video.
-        `device`, `dtype`, `kernels` and `options` as in `from_pretrained`."""
+        `device`, `dtype`, `kernels`, `memory` and `options` as in `from_pretrained`."""
+        _check_memory_mode(memory)
         device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         cfg = get_config(name)
         torch.manual_seed(seed)
@@ -159,7 +178,7 @@ class Pipeline:
             **options,
         )
         pipe.transformer.use_kernels(None if kernels == "none" else kernels)
-        return pipe.to(device, dtype)
+        return pipe.to(device, dtype)._fit_memory_on_load(memory, kv_dtype_given="kv_dtype" in options)
 
     @classmethod
     def from_pretrained(
@@ -177,6 +196,8 @@ class Pipeline:
         settings: StreamSettings | None = None,
         decoder: str | None = None,
         decoder_path: str | Path | None = None,
+        memory: str = "auto",
+        prompt_cache: bool | str | Path | None = None,
         **options,
     ) -> Pipeline:
         """Load a model: a shipped model by name (`SHIPPED_MODELS`: "default") or a directory, sfpp's own
@@ -188,13 +209,19 @@ class Pipeline:
         (`sfpp.models.students.STUDENTS`: window, sink, chunk size, steps, EMA or not), else detected from the
         checkpoint's entries; `settings`, `ema`, `lora_alpha` override it. Weights are read tensor by tensor onto
         meta-device models: no second copy. `decoder="tiny"`: decode with TAEHV (`sfpp.models.taehv`) from
-        `decoder_path`, by default taew2_1.safetensors or taew2_1.pth in the model directory. Unless given, `dtype`,
+        `decoder_path`, by default taew2_1.safetensors or taew2_1.pth in the model directory. `memory` (`MEMORY_MODES`):
+        "auto" fits the default video size into the device's free memory when it would not fit (`fit_memory`: the
+        text encoder on the CPU, the VAE one latent frame per call, an fp8 KV cache unless `kv_dtype` is given, in
+        that order, each only while needed, and says so), "low" applies them all, "full" none. `prompt_cache`:
+        prompt embeddings kept on disk (`sfpp.pipeline.prompt_cache`; a folder, or True for the default one); by
+        default on for umT5, whose encoding is the costly one. Unless given, `dtype`,
         `kernels` (a `WanModel.use_kernels` backend, or "none") and the option `cuda_graph` follow the device
         (`device_defaults`: the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`."""
         from sfpp.models import wan_checkpoints as wc
         from sfpp.models.lora import load_lora
         from sfpp.models.students import detect_student, get_student
 
+        _check_memory_mode(memory)
         device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         path = Path(path)
         layout = wc.detect_layout(path) if path.is_dir() else None
@@ -245,7 +272,11 @@ class Pipeline:
                 raise ValueError(f"decoder must be 'tiny' or None (the model's own), got {decoder!r}")
             pipe.check_decoder(TAEHVDecoder)  # before looking for weights: a model of other latents says so first
             pipe.set_decoder(TAEHVDecoder.from_file(decoder_path or TAEHVDecoder.weights_in(path)))
-        return pipe.to(device, dtype)
+        if prompt_cache is None:
+            prompt_cache = isinstance(pipe.text_encoder, UMT5TextEncoder)
+        if prompt_cache is not False:
+            pipe.prompt_cache = PromptCache(None if prompt_cache is True else prompt_cache)
+        return pipe.to(device, dtype)._fit_memory_on_load(memory, kv_dtype_given="kv_dtype" in options)
 
     @classmethod
     def _from_sfpp_directory(cls, path: Path, *, load_dit: bool = True, **options) -> Pipeline:
@@ -303,13 +334,13 @@ class Pipeline:
         decoder_dtype: torch.dtype | None = None,
     ) -> Pipeline:
         """Move to a device; the DiT runs in `dtype` (default: the one it has), a VAE decoder in `decoder_dtype`
-        (default: the DiT's); the text encoder keeps its own precision (umT5 with offload keeps its weights on the
-        CPU between prompts). Options (kernels, CUDA graphs) stay as they are: `from_pretrained(..., device=)`
-        picks the device's defaults."""
+        (default: the DiT's); the text encoder keeps its own precision and goes to `text_encoder_device` if that is
+        set (umT5 with offload keeps its weights on the CPU between prompts). Options (kernels, CUDA graphs) stay as
+        they are: `from_pretrained(..., device=)` picks the device's defaults."""
         device = check_device(device)
         dtype = dtype or self.transformer.dtype
         self.transformer.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device)
+        self.text_encoder.to(device=self.text_encoder_device or device)
         if isinstance(self.decoder, torch.nn.Module):
             self.decoder.to(device=device, dtype=decoder_dtype or dtype)
         return self
@@ -392,46 +423,116 @@ class Pipeline:
     def _give_state(self, state: StreamState) -> None:
         self._states.give(state)
 
-    def memory_estimate(self, batch_size: int, height: int, width: int) -> dict[str, int]:
-        """Rough device bytes one generation needs: DiT weights, KV cache, peak activations of a chunk."""
-        cfg, s = self.transformer.cfg, self.settings
-        elt = torch.finfo(self.transformer.dtype).bits // 8
-        kv_elt = torch.finfo(self.kv_dtype or self.transformer.dtype).bits // 8  # fp8 scales left out
-        frame_tokens = (height // self.decoder.spatial_factor // cfg.patch_size[1]) * (
-            width // self.decoder.spatial_factor // cfg.patch_size[2]
+    def memory_plan(self, batch_size: int = 1, height: int | None = None, width: int | None = None) -> MemoryPlan:
+        """The device memory of one stream of this pipeline at this size (`sfpp.pipeline.memory`)."""
+        s, dec = self.settings, self.decoder
+        module = isinstance(dec, torch.nn.Module)
+        return memory_plan(
+            self.transformer.cfg,
+            batch_size=batch_size,
+            height=s.height if height is None else height,
+            width=s.width if width is None else width,
+            frames_per_chunk=s.frames_per_chunk,
+            window=s.window,
+            sink=s.sink,
+            dtype=self.transformer.dtype,
+            kv_dtype=self.kv_dtype,
+            num_noises=num_noises(self.schedule),
+            decoder=dec.to_meta()["type"],
+            decoder_dtype=dec.dtype if module else None,
+            decoder_params=sum(p.numel() for p in dec.parameters()) if module else 0,
+            vae_base_dim=getattr(getattr(dec, "cfg", None), "base_dim", 96),
+            decoder_frames_per_call=getattr(dec, "frames_per_call", None),
+            spatial_factor=dec.spatial_factor,
+            text_encoder_bytes=self._text_encoder_device_bytes(),
         )
-        tokens = batch_size * s.frames_per_chunk * frame_tokens
-        kv = (
-            2
-            * cfg.num_layers
-            * batch_size
-            * cfg.dim
-            * ((s.sink + s.window) * frame_tokens * kv_elt + cfg.text_len * elt)
-        )
-        dit_act = tokens * (cfg.ffn_dim * elt + 8 * cfg.dim * 4)  # FFN hidden + fp32 residual/modulation
-        video_frames = s.frames_per_chunk * self.decoder.temporal_factor
-        base = getattr(getattr(self.decoder, "cfg", None), "base_dim", 1)
-        vae_act = 6 * batch_size * video_frames * height * width * base * elt if base > 1 else 0
-        weights = sum(p.numel() * p.element_size() for p in self.transformer.parameters())
-        return {"dit_weights": weights, "kv_cache": kv, "activations": max(dit_act, vae_act)}
+
+    def _text_encoder_device_bytes(self) -> int:
+        """Bytes the text encoder holds on the DiT's device while it encodes (0 when it encodes elsewhere)."""
+        te = self.text_encoder
+        module = te.model if isinstance(te, UMT5TextEncoder) else te
+        where = te.device if isinstance(te, UMT5TextEncoder) else next(te.parameters()).device
+        if where != self.device:
+            return 0
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    def fit_memory(self, memory: str = "low", *, budget: int | None = None, kv_dtype_given: bool = False) -> list[str]:
+        """Save device memory, cheapest first, until `memory_plan()` (the default size, batch 1) fits `budget` bytes
+        ("low": all of them): encode prompts on the CPU (the embeddings are cached on disk when a prompt cache is
+        set), decode with the Wan VAE one latent frame per call (the same frames), and keep the KV cache in fp8
+        (not when `kv_dtype_given`). Returns what it changed, in words."""
+        _check_memory_mode(memory)
+        if memory == "full":
+            return []
+        steps = [
+            ("prompts encoded on the CPU", lambda: self._text_encoder_device_bytes() > 0, self._encode_on_cpu),
+            ("the VAE decoding one latent frame per call",
+             lambda: isinstance(self.decoder, WanVAE) and self.decoder.frames_per_call is None,
+             lambda: setattr(self.decoder, "frames_per_call", 1)),
+            ("an fp8 KV cache",
+             lambda: not kv_dtype_given and self.kv_dtype != torch.float8_e4m3fn
+             and unsupported(self.device, compile=self.runner_options["compile"], kv_dtype=torch.float8_e4m3fn) is None,
+             lambda: setattr(self, "kv_dtype", torch.float8_e4m3fn)),
+        ]  # fmt: skip
+        done = []
+        for what, applies, apply in steps:
+            if memory == "auto" and self.memory_plan().peak <= (budget or 0):
+                break
+            if applies():
+                apply()
+                done.append(what)
+        return done
+
+    def _encode_on_cpu(self) -> None:
+        self.text_encoder_device = torch.device("cpu")
+        self.text_encoder.to(device="cpu")
+
+    def _fit_memory_on_load(self, memory: str, *, kv_dtype_given: bool) -> Pipeline:
+        """`from_pretrained(memory=)`: on CUDA, "auto" fits what this process can still use of the device; "low"
+        applies every saving anywhere."""
+        if memory == "auto" and self.device.type != "cuda":
+            return self
+        budget = None
+        if memory == "auto":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free + torch.cuda.memory_allocated(self.device) - MEMORY_MARGIN  # our weights count in the plan
+            need = self.memory_plan()
+            if need.peak <= budget:
+                return self
+        before = self.memory_plan()
+        done = self.fit_memory(memory, budget=budget, kv_dtype_given=kv_dtype_given)
+        after = self.memory_plan()
+        if memory == "auto":
+            s = self.settings
+            fits = "fits" if after.peak <= budget else "still does not fit"
+            log.warning(
+                "sfpp: a %dx%d stream needs %.1f GiB on %s, %.1f GiB of which can be used; to save memory: %s; it now "
+                "needs %.1f GiB and %s (memory='full' keeps the defaults)", s.width, s.height, before.peak / GiB,
+                self.device, budget / GiB, ", ".join(done) or "nothing left to change", after.peak / GiB, fits,
+            )  # fmt: skip
+        return self
 
     def _oom_error(self, exc: Exception, batch_size: int, height: int, width: int) -> torch.OutOfMemoryError:
-        need = self.memory_estimate(batch_size, height, width)
-        parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GiB" for k, v in need.items())
+        need = self.memory_plan(batch_size, height, width)
         have = ""
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             have = f"; the device has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB"
         return torch.OutOfMemoryError(
             f"out of memory on {self.device} generating batch {batch_size} at {width}x{height} with a window of "
-            f"{self.settings.window} latent frames: this needs about {sum(need.values()) / 2**30:.2f} GiB ({parts})"
-            f"{have}. Try a smaller batch, resolution or window, a lower-precision KV cache, or offloading the text "
-            f"encoder. ({exc})"
+            f"{self.settings.window} latent frames: this needs about {need.describe()}{have}. Try memory='low' "
+            f"(sfpp generate --memory low), a smaller batch, resolution or window. ({exc})"
         )
 
     def encode_prompt(self, prompt: str | list[str]) -> Tensor:
+        """[B, text_len, text_dim] on the DiT's device, in its dtype; read from the prompt cache where it has them."""
+        prompts = _validate_prompt(prompt)
         with nvtx_range("text encoder"):
-            return self.text_encoder.encode(_validate_prompt(prompt)).to(self.device, self.transformer.dtype)
+            if self.prompt_cache is not None:
+                context = self.prompt_cache.encode(prompts, self.text_encoder)
+            else:
+                context = self.text_encoder.encode(prompts)
+            return context.to(self.device, self.transformer.dtype)
 
     @torch.no_grad()
     def stream(
@@ -537,6 +638,11 @@ class Pipeline:
             raise ValueError("give exactly one of num_frames= or seconds= (only stream() runs without an end)")
         chunks = list(self.stream(prompt, return_latents=True, **kwargs))
         return PipelineOutput(frames=torch.cat([f for f, _ in chunks], 1), latents=torch.cat([z for _, z in chunks], 2))
+
+
+def _check_memory_mode(memory: str) -> None:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {list(MEMORY_MODES)}, got {memory!r}")
 
 
 def _from_entry(build, entry, file: Path, key: str):
