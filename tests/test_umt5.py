@@ -1,6 +1,7 @@
 """umT5 through transformers against a from-scratch forward of Wan's T5 encoder, on Wan's checkpoint layout."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -169,3 +170,75 @@ def test_offload_moves_off_the_gpu_after_encoding(files):
     ).to("cuda")
     out = enc.encode(["a red ball"])
     assert out.device.type == "cuda" and next(enc.model.parameters()).device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------- prompt-embedding cache
+
+
+def _encoder(files):
+    root, _ = files
+    return UMT5TextEncoder.from_wan(
+        root / "models_t5_umt5-xxl-enc-bf16.pth", root / "google" / "umt5-xxl", dtype=torch.float32, text_len=12
+    )
+
+
+@torch.no_grad()
+def test_prompt_cache_encodes_each_prompt_once_and_gives_the_same_embedding(files, tmp_path, monkeypatch):
+    from sfpp.pipeline.prompt_cache import PromptCache
+
+    enc = _encoder(files)
+    fresh = enc.encode(PROMPTS)
+    calls = []
+    encode = enc.encode
+    monkeypatch.setattr(enc, "encode", lambda prompts: calls.append(list(prompts)) or encode(prompts))
+    cache = PromptCache(tmp_path)
+    first = cache.encode([PROMPTS[0], PROMPTS[1], PROMPTS[0]], enc)
+    assert calls == [sorted(PROMPTS)]  # the two distinct prompts, in one batch
+    assert torch.equal(first[0], fresh[0]) and torch.equal(first[1], fresh[1]) and torch.equal(first[2], fresh[0])
+    again = cache.encode(PROMPTS[::-1], enc)  # from disk: no encoder call, the same bits
+    assert len(calls) == 1 and torch.equal(again, fresh.flip(0))
+    assert (cache.hits, cache.misses) == (2, 2)  # hits: prompts read from disk; misses: prompts encoded
+    # Another encoder (its weights file changed) never reads these embeddings.
+    ckpt = files[0] / "models_t5_umt5-xxl-enc-bf16.pth"
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    cache.encode(PROMPTS[:1], enc)
+    assert calls[-1] == [PROMPTS[0]]
+
+
+@torch.no_grad()
+def test_prompt_cache_re_encodes_a_broken_or_foreign_entry(files, tmp_path):
+    from safetensors.torch import save_file
+
+    from sfpp.pipeline.prompt_cache import PromptCache
+
+    enc, cache = _encoder(files), PromptCache(tmp_path)
+    fresh = enc.encode(PROMPTS[:1])
+    cache.encode(PROMPTS[:1], enc)
+    (entry,) = tmp_path.rglob("*.safetensors")
+    entry.write_bytes(b"not a safetensors file")
+    assert torch.equal(cache.encode(PROMPTS[:1], enc), fresh) and cache.misses == 2
+    save_file({"embedding": torch.zeros_like(fresh[0])}, str(entry), metadata={"prompt": "another prompt"})
+    assert torch.equal(cache.encode(PROMPTS[:1], enc), fresh) and cache.misses == 3
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_encoder_built_in_memory_is_not_cached(files, tmp_path):
+    from sfpp.pipeline.prompt_cache import PromptCache
+
+    enc = _encoder(files)
+    enc.sources = ()
+    assert enc.fingerprint() is None
+    PromptCache(tmp_path).encode(PROMPTS, enc)
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_umt5_xxl_size_in_the_memory_model():
+    """The memory model's umT5-XXL parameter count is the encoder transformers builds from umT5-XXL's config."""
+    from sfpp.pipeline.memory import UMT5_XXL_PARAMS
+
+    # umT5-XXL's config (its 32 relative-position buckets are transformers' default)
+    config = transformers.UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                     num_heads=64, feed_forward_proj="gated-gelu")  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.UMT5EncoderModel(config)
+    assert UMT5_XXL_PARAMS == sum(p.numel() for p in model.parameters())

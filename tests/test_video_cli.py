@@ -163,7 +163,7 @@ def test_random_weight_warnings_say_why(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_knobs_reach_the_pipeline(tmp_path, capsys, monkeypatch):
-    """--dtype/--kv-dtype/--kernels/--compile/--no-cuda-graph go to from_config; unset ones keep the device's
+    """--dtype/--kv-dtype/--kernels/--compile/--no-cuda-graph/--memory go to from_config; unset ones keep the device's
     defaults; and they generate."""
     seen = {}
     real = Pipeline.from_config
@@ -173,8 +173,8 @@ def test_cli_knobs_reach_the_pipeline(tmp_path, capsys, monkeypatch):
     assert seen == {"device": torch.device("cpu"), "compile": False, "dtype": torch.bfloat16, "kernels": "torch",
                     "cuda_graph": False, "kv_dtype": torch.bfloat16}  # fmt: skip
     seen.clear()
-    assert main([*args, "--kv-dtype", "fp8"]) == 0
-    assert seen == {"device": torch.device("cpu"), "compile": False, "kv_dtype": torch.float8_e4m3fn}
+    assert main([*args, "--kv-dtype", "fp8", "--memory", "low"]) == 0
+    assert seen == {"device": torch.device("cpu"), "compile": False, "kv_dtype": torch.float8_e4m3fn, "memory": "low"}
     assert read_mp4(tmp_path / "o.mp4")[1].shape[0] == 5
 
 

@@ -1,5 +1,6 @@
 """The `sfpp` command line: `sfpp generate` writes a video (generate.py), `sfpp serve` plays one live in a browser
-(serve.py), `sfpp bench` runs the benchmark suite (`sfpp.benchmark.e2e`); options.py holds what they share.
+(serve.py), `sfpp bench` runs the benchmark suite (`sfpp.benchmark.e2e`), `sfpp memory` prints the memory model's
+table (`sfpp.pipeline.memory`); options.py holds what they share.
 
 Every error is one line on stderr and exit status 2 (1 for failed benchmark variants, 130 for Ctrl-C).
 """
@@ -33,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     serve.add_parser(sub)
+    memory = sub.add_parser(
+        "memory",
+        help="the device memory of one 832x480 stream in each memory mode (a model, checked on the meta device)",
+        description="Print the memory model's table (sfpp/pipeline/memory.py): GiB by part and the peak, per mode.",
+    )
+    memory.add_argument("--config", default="wan2.1-1.3b", help="the DiT config (default: wan2.1-1.3b)")
+    memory.add_argument("--window", type=int, default=21, help="attention window in latent frames (default: 21)")
+    memory.add_argument("--batch-size", type=int, default=1, help="streams generated together (default: 1)")
     return parser
 
 
@@ -40,6 +49,15 @@ def bench(bench_args: list[str]) -> int:
     from sfpp.benchmark import e2e  # only when asked: the suite's imports are not the CLI's
 
     return e2e.main(bench_args)
+
+
+def memory_table(args: argparse.Namespace) -> int:
+    from sfpp.pipeline.memory import table
+
+    if args.window < 1 or args.batch_size < 1:
+        raise ValueError(f"--window and --batch-size must be at least 1, got {args.window} and {args.batch_size}")
+    print(table(args.config, window=args.window, batch_size=args.batch_size))
+    return 0
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -57,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 return generate.run(args)
             if args.command == "serve":
                 return serve.run(args)
+            if args.command == "memory":
+                return memory_table(args)
             return bench(argv[1:])
     except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError) as exc:
         print(f"sfpp: error: {exc}", file=sys.stderr)
@@ -64,4 +84,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sfpp: interrupted", file=sys.stderr)
         return 130
-

@@ -11,6 +11,7 @@ import torch
 from sfpp.cli.options import (
     SHIPPED_MODELS,
     add_decoder_options,
+    add_memory_option,
     add_student_options,
     add_threads_option,
     load_pipeline,
@@ -73,6 +74,7 @@ def add_parser(sub) -> None:
     )
     gen.add_argument("--compile", action="store_true", help="torch.compile the chunk (first chunks compile: slower)")
     add_threads_option(gen)
+    add_memory_option(gen)
     gen.add_argument(
         "--height",
         type=int,

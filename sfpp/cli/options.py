@@ -14,6 +14,7 @@ from sfpp.pipeline import (
     DEFAULT_CPU_THREADS,
     DTYPES,
     KV_DTYPES,
+    MEMORY_MODES,
     SHIPPED_MODELS,
     Pipeline,
     check_device,
@@ -80,6 +81,17 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_memory_option(parser: argparse.ArgumentParser) -> None:
+    """--memory, which `pipeline_options` hands to the pipeline (sfpp generate, sfpp serve)."""
+    parser.add_argument(
+        "--memory",
+        choices=MEMORY_MODES,
+        help="device memory: low = prompts encoded on the CPU (cached on disk), the VAE one latent frame per call, "
+        "an fp8 KV cache (Wan2.1-1.3B at 832x480 in about 10 GB); full = none of these; auto (default) = as many as "
+        "the GPU's free memory needs, cheapest first",
+    )
+
+
 def pick_device(args: argparse.Namespace) -> torch.device:
     return check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -88,6 +100,8 @@ def pipeline_options(args: argparse.Namespace, device: torch.device) -> dict:
     """from_pretrained/from_config keywords from the knobs; left out where not given (the device's defaults). The
     knobs `sfpp serve` lacks count as not given."""
     options = {"device": device, "compile": getattr(args, "compile", False)}
+    if getattr(args, "memory", None) is not None:
+        options["memory"] = args.memory
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")

@@ -37,6 +37,7 @@ from aiohttp import WSMsgType, web
 
 from sfpp.cli.options import (
     add_decoder_options,
+    add_memory_option,
     add_student_options,
     add_threads_option,
     load_pipeline,
@@ -440,6 +441,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="DiT precision (default: bfloat16 on CUDA, else float32)")
     add_threads_option(p)
+    add_memory_option(p)
     add_decoder_options(p)
     add_student_options(p)
 

@@ -465,7 +465,8 @@ class Pipeline:
         if memory == "full":
             return []
         steps = [
-            ("prompts encoded on the CPU", lambda: self._text_encoder_device_bytes() > 0, self._encode_on_cpu),
+            ("prompts encoded on the CPU",
+             lambda: self.device.type != "cpu" and self._text_encoder_device_bytes() > 0, self._encode_on_cpu),
             ("the VAE decoding one latent frame per call",
              lambda: isinstance(self.decoder, WanVAE) and self.decoder.frames_per_call is None,
              lambda: setattr(self.decoder, "frames_per_call", 1)),

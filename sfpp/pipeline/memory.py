@@ -11,12 +11,11 @@ The fused ops (ring attention, cache write, adaLN) count as their outputs, as th
 cross-attention is counted as torch's math path holds it ([B, H, L, 512] fp32 scores), which flash attention on a
 GPU does not, so the activation term is an upper bound there. Not modelled: the CUDA context and cuBLAS
 workspaces (about 0.5 GiB), and the caching allocator's fragmentation, which the GPU campaign measures.
-`python -m sfpp.pipeline.memory` prints the table the README quotes.
+`sfpp memory` prints the table the README quotes (`table`).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import weakref
 from dataclasses import dataclass, fields
@@ -38,8 +37,8 @@ GiB = 2**30
 # activations by 3. The toy world's decoders ("preview", "patch-pca") hold kilobytes and are not modelled.
 DECODER_UNITS = {"wan-vae": (24.63, 26.3), "taehv": (84.0, 512.0)}  # wan-vae's: per base_dim channel
 # umT5-XXL's encoder (Wan2.1's text encoder): parameters, from its config (d_model 4096, 24 layers, d_ff 10240, a
-# 256384-token vocabulary, 64 relative-position buckets per layer).
-UMT5_XXL_PARAMS = 256384 * 4096 + 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096 + 64 * 64) + 4096
+# 256384-token vocabulary, 32 relative-position buckets per head and layer).
+UMT5_XXL_PARAMS = 256384 * 4096 + 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096 + 32 * 64) + 4096
 
 
 def dit_parameters(cfg: WanConfig) -> int:
@@ -274,16 +273,3 @@ def table(config: str = "wan2.1-1.3b", *, window: int = 21, batch_size: int = 1)
         rows.append([name, *(f"{c / GiB:.2f}" for c in cells), f"{p.peak / GiB:.2f}", f"{p.peak / 1e9:.1f}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sfpp.pipeline.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="wan2.1-1.3b")
-    p.add_argument("--window", type=int, default=21)
-    p.add_argument("--batch-size", type=int, default=1)
-    args = p.parse_args(argv)
-    print(table(args.config, window=args.window, batch_size=args.batch_size))
-
-
-if __name__ == "__main__":
-    main()

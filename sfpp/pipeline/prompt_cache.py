@@ -37,14 +37,14 @@ class PromptCache:
         return self.directory / fingerprint / f"{hashlib.sha256(prompt.encode('utf-8')).hexdigest()}.safetensors"
 
     def _read(self, file: Path, prompt: str) -> Tensor | None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(file), framework="pt") as f:
                 if (f.metadata() or {}).get("prompt") != prompt:
                     return None
                 return f.get_tensor("embedding")
-        except (OSError, ValueError, RuntimeError):  # absent, or not a safetensors file: encode it again
+        except (OSError, ValueError, RuntimeError, SafetensorError):  # absent, or not safetensors: encode it again
             return None
 
     def _write(self, file: Path, prompt: str, embedding: Tensor) -> None:
