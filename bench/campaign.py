@@ -48,6 +48,8 @@ def steps(smoke: bool, out: Path) -> list[Step]:
                          "--vae-base-dim", "8", "--chunks", "2", "--long-frames", "12", "--modes", "eager",
                          "--kv-dtypes", "fp32", "--window", "6", *o), 300),  # fmt: skip
             Step("decoders", ("bench.bench_decoders", "--height", "2", "--width", "2", "--chunks", "1", *o), 120),
+            Step("memory", ("bench.bench_memory", "--config", "tiny", "--height", "32", "--width", "32",
+                            "--vae-base-dim", "8", "--chunks", "2", *o), 120),  # fmt: skip
         ]
     gpu_tests = ("tests/test_gpu.py", "tests/test_graph.py", "tests/test_csrc.py", "tests/test_kernels_model.py",
                  *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_kernels_*.py"))))  # fmt: skip
@@ -62,6 +64,8 @@ def steps(smoke: bool, out: Path) -> list[Step]:
                      "--long-frames", "900", *o), 240),  # fmt: skip
         # Tiny decoder (TAEHV) vs the Wan VAE decoder, ms per 3-latent-frame chunk at 832x480, bf16.
         Step("decoders", ("bench.bench_decoders", *o), 180),
+        # The memory model's plan against the allocator's peak, per memory mode (Wan2.1-1.3B, 832x480, window 21).
+        Step("memory", ("bench.bench_memory", *o), 150),
     ]
 
 

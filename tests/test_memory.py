@@ -167,3 +167,9 @@ def test_cli_memory_flag_reaches_the_pipeline_and_the_table_prints(capsys):
     with pytest.raises(SystemExit, match="2"):
         main(["generate", "-p", "x", "--memory", "small"])
     assert "--memory: invalid choice: 'small'" in capsys.readouterr().err
+
+
+def test_the_readme_quotes_the_table():
+    from pathlib import Path
+
+    assert table() in (Path(__file__).parents[1] / "README.md").read_text()

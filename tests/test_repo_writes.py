@@ -22,6 +22,7 @@ WRITERS = {
     "bench.bench_cache_write": ["bench/results", "sfpp/engine/dispatch_table.json"],
     "bench.bench_ring_attention": ["bench/results", "sfpp/engine/dispatch_table.json"],
     "bench.bench_decoders": ["bench/results"],
+    "bench.bench_memory": ["bench/results"],
     "bench.bench_serve": ["bench/results"],
     "bench.bench_api_cli": ["bench/results"],
     "bench.bench_serve_load": ["bench/results"],
@@ -32,7 +33,7 @@ WRITERS = {
 }
 # these write only where they are told (--out, -o, --out-dir; `sfpp bench`: the current directory)
 OTHERS = ["train.endless", "train.steering", "train.estimate", "bench.aot", "bench", "sfpp generate", "sfpp serve",
-          "sfpp bench"]  # fmt: skip
+          "sfpp bench", "sfpp memory"]  # fmt: skip
 SAYS_SO = "writes into the repository"
 
 
