@@ -11,6 +11,19 @@ def test_warped_steps_match_self_forcing():
     assert FlowMatchSchedule(shift=1.0).timesteps == pytest.approx([1000, 750, 500, 250])
 
 
+def test_unwarped_steps_are_timesteps_with_the_table_s_sigmas():
+    """CausVid's schedule: the model sees the steps as given; sigma is the shift-8 table's entry nearest each (Wan's
+    scheduler: 1000 entries 8s / (1 + 7s) for s = 1, 0.999, ..., 0.001, as timesteps 1000 * sigma)."""
+    s = FlowMatchSchedule(denoising_steps=(1000, 757, 522), shift=8.0, warp=False)
+    assert s.timesteps == [1000.0, 757.0, 522.0]
+    table = torch.linspace(1, 0, 1001, dtype=torch.float64)[:-1]
+    table = 8 * table / (1 + 7 * table)
+    nearest = [table[(1000 * table - t).abs().argmin()].item() for t in (1000, 757, 522)]
+    assert s.sigmas == pytest.approx(nearest, rel=1e-12)
+    assert s.sigmas[1:] == pytest.approx([0.757, 0.522], abs=5e-4) and s.sigmas[1] != 0.757
+    assert FlowMatchSchedule(warp=False).timesteps == [1000.0, 750.0, 500.0, 250.0]
+
+
 def test_flow_round_trip():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)

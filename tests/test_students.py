@@ -129,3 +129,25 @@ def test_presets(wan_dir, tmp_path, capsys):  # noqa: F811
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "-p", "x", "--student", "nope"])
     assert exit_.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_causvid_layout_loads_with_its_unwarped_schedule(wan_dir, tmp_path, monkeypatch):  # noqa: F811
+    """CausVid's model.pt ({generator} with the wrapper's `model.` prefix): its 3 steps reach the DiT as the
+    timesteps 1000, 757, 522 (not warped by the shift), then the context pass at 0, in chunks of 3 over 21 frames."""
+    from sfpp.models.dit import WanModel as Model
+
+    weights = randomize_(WanModel(CFG), seed=5, scale=0.1).state_dict()
+    torch.save({"generator": {f"model.{k}": v for k, v in weights.items()}}, tmp_path / "model.pt")
+    pipe = Pipeline.from_pretrained(wan_dir, checkpoint=tmp_path / "model.pt", student="causvid")
+    assert pipe.student == "causvid" and (pipe.settings.frames_per_chunk, pipe.settings.window) == (3, 21)
+    for key, value in pipe.transformer.state_dict().items():
+        assert torch.equal(value, weights[key].to(value.dtype)), key
+    seen = []
+    real = Model.forward_chunk
+    monkeypatch.setattr(Model, "forward_chunk", lambda self, x, t, cache: seen.append(t.unique().tolist()) or
+                        real(self, x, t, cache))  # fmt: skip
+    settings = pipe.settings.__class__(**{**pipe.settings.__dict__, "height": 32, "width": 32})
+    pipe.settings = settings
+    pipe("a red ball", num_frames=9, seed=0, progress=False)
+    assert seen[:4] == [[1000.0], [757.0], [522.0], [0.0]]
+    assert Pipeline.from_pretrained(wan_dir, checkpoint=tmp_path / "model.pt").student is None  # not detected

@@ -165,7 +165,7 @@ class SelfForcingBaseline:
         current_start = self.current_start_frame * self.frame_tokens
         x = noises[0].float()
         for i, sigma in enumerate(sigmas):
-            t = torch.full((batch, frames), schedule.num_train_timesteps * sigma, device=x.device)
+            t = torch.full((batch, frames), schedule.timesteps[i], device=x.device)
             flow = self.forward(x, t, current_start)
             x0 = (x.double() - sigma * flow.double()).float()  # the wrapper's float64 flow -> x0
             if i + 1 < len(sigmas):

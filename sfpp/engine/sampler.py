@@ -4,6 +4,10 @@ Noise level sigma in [0, 1] and timestep t = 1000 * sigma. Training timesteps ar
 sigma(s) = shift * s / (1 + (shift - 1) * s) for s = step / 1000, so the steps [1000, 750, 500, 250] run at
 t = [1000, 937.5, 833.3, 625]. The model predicts the flow v = noise - x0, hence x0 = x_t - sigma * v, and the
 next step starts from x0 re-noised to the next sigma: x = (1 - sigma) * x0 + sigma * noise.
+
+Unwarped steps (`warp=False`, CausVid's `warp_denoising_step: false`) are timesteps already: the model sees t = step,
+and sigma is the entry of the shifted 1000-step table that Wan's scheduler looks up nearest to t (CausVid's steps
+[1000, 757, 522] at shift 8 give sigma 1.0, 0.7570, 0.5221).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class FlowMatchSchedule:
     shift: float = 5.0
     num_train_timesteps: int = 1000
     context_noise: float = 0.0  # timestep at which the clean chunk is written into the cache (0: clean)
+    warp: bool = True  # steps warped by the shift (Self-Forcing), or timesteps as given (CausVid)
 
     def __post_init__(self) -> None:
         steps = self.denoising_steps
@@ -40,11 +45,18 @@ class FlowMatchSchedule:
 
     @property
     def sigmas(self) -> list[float]:
-        return [self.sigma(s) for s in self.denoising_steps]
+        if self.warp:
+            return [self.sigma(s) for s in self.denoising_steps]
+        n = self.num_train_timesteps  # the table: sigma(1 - i / n) for i in 0..n-1, as timesteps n * sigma
+        table = [self.sigma(n - i) for i in range(n)]
+        return [min(table, key=lambda sigma: abs(n * sigma - step)) for step in self.denoising_steps]
 
     @property
     def timesteps(self) -> list[float]:
-        return [self.num_train_timesteps * s for s in self.sigmas]
+        """What the model is given at each step."""
+        if self.warp:
+            return [self.num_train_timesteps * s for s in self.sigmas]
+        return [float(step) for step in self.denoising_steps]
 
 
 def flow_to_x0(x_t: Tensor, flow: Tensor, sigma: float | Tensor) -> Tensor:
@@ -152,7 +164,7 @@ def denoise_chunk(
     step is run with gradients (when they are enabled), the earlier steps and the context pass without, so the
     returned x0 carries gradients through one forward. `trace` (GRPO) receives (x0, x_next) of every step that
     re-noises. No host syncs: this is what a CUDA graph captures."""
-    sigmas = schedule.sigmas
+    sigmas, timesteps = schedule.sigmas, schedule.timesteps
     last = len(sigmas) - 1 if exit_step is None else exit_step
     if not 0 <= last < len(sigmas):
         raise ValueError(f"exit_step must be in [0, {len(sigmas)}), got {exit_step}")
@@ -160,8 +172,7 @@ def denoise_chunk(
     x = noises[0].float()
     for i in range(last + 1):
         with nvtx_range(f"denoise step {i}"), torch.set_grad_enabled(grad and i == last):
-            t = schedule.num_train_timesteps * sigmas[i]
-            x0 = flow_to_x0(x, forward(x, _timesteps(x, t), cache).float(), sigmas[i])
+            x0 = flow_to_x0(x, forward(x, _timesteps(x, timesteps[i]), cache).float(), sigmas[i])
             if i < last:
                 x_next = add_noise(x0, noises[i + 1], sigmas[i + 1])
                 if trace is not None:

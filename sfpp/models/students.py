@@ -25,6 +25,7 @@ class Student:
     denoising_steps: tuple[int, ...]
     shift: float
     context_noise: float
+    warp: bool  # denoising steps warped by the shift (else timesteps as given)
     lora_alpha: float | None  # LoRA alpha of its adapter (None: no adapter, or alpha = rank)
     needs_lora: bool
     source: str  # where these settings are written
@@ -32,7 +33,7 @@ class Student:
     @property
     def schedule(self) -> FlowMatchSchedule:
         return FlowMatchSchedule(
-            denoising_steps=self.denoising_steps, shift=self.shift, context_noise=self.context_noise
+            denoising_steps=self.denoising_steps, shift=self.shift, context_noise=self.context_noise, warp=self.warp
         )
 
     def command(self) -> str:
@@ -53,10 +54,13 @@ STUDENTS: dict[str, Student] = {
         denoising_steps=(1000, 750, 500, 250),
         shift=5.0,
         context_noise=0.0,
+        warp=True,
         lora_alpha=None,
         needs_lora=False,
-        source="guandeh17/Self-Forcing configs/self_forcing_dmd.yaml (denoising_step_list, num_frame_per_block 3, "
-        "timestep_shift 5.0) and its inference pipeline's 21-frame KV cache",
+        source="guandeh17/Self-Forcing at 33593df: configs/self_forcing_dmd.yaml (denoising_step_list [1000, 750, 500, "
+        "250], warp_denoising_step true, timestep_shift 5.0, num_frame_per_block 3), configs/default_config.yaml "
+        "(context_noise 0), pipeline/causal_inference.py (local_attn_size -1: a KV cache of 32760 tokens, 21 frames "
+        "of 1560), README.md (inference with --use_ema)",
     ),
     "longlive": Student(
         name="longlive",
@@ -69,10 +73,31 @@ STUDENTS: dict[str, Student] = {
         denoising_steps=(1000, 750, 500, 250),
         shift=5.0,
         context_noise=0.0,
+        warp=True,  # warp_denoising_step true
         lora_alpha=256.0,
         needs_lora=True,
         source="NVlabs/LongLive configs/longlive_inference.yaml at 9266de9 (num_frame_per_block 6, local_attn_size "
         "12, sink_size 3, timestep_shift 5.0, use_ema false, context_noise 0, adapter rank 256 alpha 256)",
+    ),
+    "causvid": Student(
+        name="causvid",
+        about="CausVid (Yin et al. 2025), autoregressive DMD student, 3 steps, chunks of 3 latent frames",
+        weights="autoregressive_checkpoint/model.pt (tianweiy/CausVid on the Hugging Face Hub; a plain `generator` "
+        "file: name this preset, it is not detected)",
+        ema=False,  # model.pt holds `generator` only
+        frames_per_chunk=3,
+        window=21,  # a 32760-token KV cache: 21 frames of 1560, no sink
+        sink=0,
+        denoising_steps=(1000, 757, 522),
+        shift=8.0,
+        context_noise=0.0,
+        warp=False,
+        lora_alpha=None,
+        needs_lora=False,
+        source="tianweiy/CausVid at ca21150: configs/wan_causal_dmd.yaml (denoising_step_list [1000, 757, 522, 0], "
+        "warp_denoising_step false, num_frame_per_block 3), causvid/models/wan/wan_wrapper.py (its scheduler's "
+        "shift 8.0), causvid/models/wan/causal_inference.py (a 32760-token KV cache, the context at timestep 0), "
+        "minimal_inference/autoregressive_inference.py (model.pt's 'generator')",
     ),
 }
 
@@ -101,7 +126,8 @@ def table() -> str:
             f"{s.name}: {s.about}",
             f"  weights: {s.weights}; {'generator_ema' if s.ema else 'generator'} weights",
             f"  chunks of {s.frames_per_chunk} latent frames, window {s.window}, sink {s.sink}, steps "
-            f"{list(s.denoising_steps)}, shift {s.shift:g}, context noise {s.context_noise:g}"
+            f"{list(s.denoising_steps)}{'' if s.warp else ' (timesteps, unwarped)'}, shift {s.shift:g}, context noise "
+            f"{s.context_noise:g}"
             + (f", LoRA alpha {s.lora_alpha:g}" if s.lora_alpha is not None else ""),
             f"  source: {s.source}",
             f"  {s.command()}",
