@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # module (as `python -m` runs it) -> the repository paths its help must name
 WRITERS = {
     "train": ["sfpp/assets", "README"],
+    "train.evaluate": ["sfpp/assets", "README"],
     "bench.bench_adaln": ["bench/results", "sfpp/engine/dispatch_table.json"],
     "bench.bench_cache_write": ["bench/results", "sfpp/engine/dispatch_table.json"],
     "bench.bench_ring_attention": ["bench/results", "sfpp/engine/dispatch_table.json"],
@@ -32,8 +33,8 @@ WRITERS = {
     "bench.report": ["README.md"],
 }
 # these write only where they are told (--out, -o, --out-dir; `sfpp bench`: the current directory)
-OTHERS = ["train.endless", "train.steering", "train.estimate", "bench.aot", "bench", "sfpp generate", "sfpp serve",
-          "sfpp bench", "sfpp memory"]  # fmt: skip
+OTHERS = ["train.endless", "train.steering", "train.estimate", "bench.aot", "bench",
+          "sfpp generate", "sfpp serve", "sfpp bench", "sfpp memory"]  # fmt: skip
 SAYS_SO = "writes into the repository"
 
 

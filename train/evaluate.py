@@ -1,10 +1,17 @@
 """Long-horizon evaluation: roll each model out to 1x, 5x and 20x the teacher horizon, over several evaluation seeds
-(each its own prompts and noise), and measure window by window exposure, motion, flicker, chunk seams, clipping and
-fidelity to the world's ground truth. Writes results.json, table.md and one PNG per metric into <out>/eval/."""
+(each its own prompts and noise), and measure window by window, against the world's ground truth on the same prompts:
+flicker (pixel change next to the objects' own motion), the prompted objects (present as one blob of their size, blobs
+per object, speed), exposure, clipping, colour drift from the rollout's first window, chunk seams and fidelity.
+Writes results.json, table.md and one PNG per metric into <out>/eval/.
+
+`--shipped` evaluates the models that ship in sfpp/assets (`Pipeline.from_pretrained(name)`: the same weights a
+toy run's stages wrote) instead of a run's stages; the teacher, which does not ship, is left out then."""
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +21,7 @@ from sfpp.models.dit import WanModel
 from train import rollout as R
 from train.common import Dist
 from train.config import Recipe
-from train.metrics import no_repeat, window_metrics
+from train.metrics import colour_drift, no_repeat, window_metrics
 from train.stages import Stage, load_module
 from train.world import WorldSpec, eval_specs, frames_uint8, render
 
@@ -23,8 +30,11 @@ STUDENTS = {  # label -> weights
     "Self-Forcing++": ("extended", "ema"),
     "Self-Forcing++ +GRPO": ("grpo", "policy"),
 }
+SHIPPED = {"Self-Forcing": "self-forcing", "Self-Forcing++": "default", "Self-Forcing++ +GRPO": "self-forcing++-grpo"}
 WORLD, TEACHER = "world (ground truth)", "teacher"
-METRICS = ("luminance", "clipped", "dynamic", "flicker", "fidelity", "seam")
+METRICS = ("luminance", "clipped", "dynamic", "pixel_change", "presence", "blobs", "object_speed", "fidelity", "seam",
+           "colour_drift")  # fmt: skip
+RELATIVE = ("pixel_change", "object_speed", "luminance", "dynamic")  # reported over the world's on the same prompts
 EVAL_SEEDS = (0, 1, 2)
 
 
@@ -32,9 +42,15 @@ class _Eval(Stage):
     """Borrows a stage's helpers (codec, text, cache) without training anything."""
 
     name = "eval"
+    shipped = False
 
     def setup(self) -> None:
-        self.text = self.frozen_text()
+        if self.shipped:
+            from sfpp.pipeline import Pipeline
+
+            self.text = Pipeline.from_pretrained(SHIPPED["Self-Forcing++"]).text_encoder.to(self.device).eval()
+        else:
+            self.text = self.frozen_text()
 
 
 @torch.no_grad()
@@ -45,12 +61,19 @@ def evaluate(
     num_prompts: int = 16,
     multiples: tuple[int, ...] = (1, 5, 20),
     seeds: tuple[int, ...] = EVAL_SEEDS,
+    shipped: bool = False,
 ) -> dict:
+    _Eval.shipped = shipped
     helper = _Eval(recipe, out, Dist(device=device))
     k, fpc = recipe.horizon, recipe.frames_per_chunk
-    teacher = helper.frozen_teacher()
+    teacher = None if shipped else helper.frozen_teacher()
     students = {}
     for label, (stage, file) in STUDENTS.items():
+        if shipped:
+            from sfpp.pipeline import Pipeline
+
+            students[label] = Pipeline.from_pretrained(SHIPPED[label]).transformer.float().to(device).eval()
+            continue
         path = out / stage / "final" / f"{file}.safetensors"
         if path.is_file():
             students[label] = load_module(WanModel(recipe.model), path).to(device).eval()
@@ -62,12 +85,13 @@ def evaluate(
         world = torch.stack([render(s, k * max(multiples), recipe.frame_size) for s in specs])
         videos = {WORLD: frames_uint8(world).numpy()}
         noise = R.randn((num_prompts, recipe.model.in_channels, k, *recipe.latent_hw), _gen(seed), device)
-        uncond = helper.encode(helper.text, [recipe.negative_prompt] * num_prompts)
-        x0, _ = R.teacher_ode(
-            teacher, noise, ctx, uncond, guidance=recipe.ode.guidance, steps=recipe.ode.euler_steps,
-            shift=helper.schedule.shift,
-        )  # fmt: skip
-        videos[TEACHER] = helper.codec.decode_frames(x0).cpu().numpy()
+        if teacher is not None:
+            uncond = helper.encode(helper.text, [recipe.negative_prompt] * num_prompts)
+            x0, _ = R.teacher_ode(
+                teacher, noise, ctx, uncond, guidance=recipe.ode.guidance, steps=recipe.ode.euler_steps,
+                shift=helper.schedule.shift,
+            )  # fmt: skip
+            videos[TEACHER] = helper.codec.decode_frames(x0).cpu().numpy()
         for label, student in students.items():
             cache = helper.new_cache(student, num_prompts, ctx)
             shape = helper.chunk_shape(num_prompts)
@@ -79,7 +103,8 @@ def evaluate(
     results = {label: summarise(runs, per_seed[WORLD], multiples) for label, runs in per_seed.items()}
     eval_dir = out / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"horizon": k, "fps": recipe.fps, "seeds": list(seeds), "prompts_per_seed": num_prompts}
+    meta = {"horizon": k, "fps": recipe.fps, "seeds": list(seeds), "prompts_per_seed": num_prompts,
+            "multiples": list(multiples), "models": "shipped (sfpp/assets)" if shipped else str(out)}  # fmt: skip
     (eval_dir / "results.json").write_text(json.dumps({**meta, "results": results}, indent=2))
     (eval_dir / "table.md").write_text(table(results, multiples))
     plots(results, k, recipe.fps, eval_dir)
@@ -92,14 +117,16 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def video_metrics(videos: np.ndarray, specs: list[WorldSpec], horizon: int, frames_per_chunk: int) -> dict:
-    """Metrics of one seed's videos [B, T, H, W, 3]: per window (mean over prompts), and per rollout the relative
-    luminance change between its last window and its first."""
+    """Metrics of one seed's videos [B, T, H, W, 3]: per window (mean over prompts; `colour_drift` against each
+    rollout's own first window), and per rollout the relative luminance change between its last window and its
+    first."""
     windows = videos.shape[1] // horizon
-    per_video = [
-        [window_metrics(v[w * horizon : (w + 1) * horizon], spec, frames_per_chunk) for w in range(windows)]
-        for v, spec in zip(videos, specs, strict=True)
-    ]
-    per_window = {m: [float(np.mean([pv[w][m] for pv in per_video])) for w in range(windows)] for m in METRICS}
+    per_video = []
+    for v, spec in zip(videos, specs, strict=True):
+        parts = [v[w * horizon : (w + 1) * horizon] for w in range(windows)]
+        per_video.append([{**window_metrics(p, spec, frames_per_chunk), "colour_drift": colour_drift(p, parts[0])}
+                          for p in parts])  # fmt: skip
+    per_window = {m: [_mean([pv[w][m] for pv in per_video]) for w in range(windows)] for m in METRICS}
     drift = [abs(pv[-1]["luminance"] - pv[0]["luminance"]) / max(pv[0]["luminance"], 1e-9) for pv in per_video]
     return {
         "windows": windows,
@@ -109,70 +136,90 @@ def video_metrics(videos: np.ndarray, specs: list[WorldSpec], horizon: int, fram
     }
 
 
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]  # an object never seen twice has no speed
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def summarise(runs: list[dict], world: list[dict], multiples: tuple[int, ...]) -> dict:
-    """Mean and spread over seeds. `motion_vs_world`: per window, the model's dynamic degree over the world's on the
-    same prompts; its lowest and highest window. Drift: median and worst over every rollout of every seed."""
+    """Mean and spread over seeds, at each multiple of the horizon (its window): `<m>/world@<x>x` for the metrics
+    measured against the world's on the same prompts (`RELATIVE`), `<m>@<x>x` for the others; chunk seams over
+    every window; luminance drift per rollout: median and worst over every rollout of every seed."""
     windows = runs[0]["windows"]
 
     def spread(values: list[float]) -> list[float]:
-        return [float(np.mean(values)), float(np.std(values))]
+        return [_mean(values), float(np.nanstd(values)) if any(map(math.isfinite, values)) else float("nan")]
 
     s: dict[str, list[float] | None] = {}
-    for m in ("fidelity", "luminance", "dynamic"):
-        for x in multiples:
-            s[f"{m}@{x}x"] = spread([r["per_window"][m][x - 1] for r in runs]) if x <= windows else None
-    ratios = [np.array(r["per_window"]["dynamic"]) / np.array(w["per_window"]["dynamic"][:windows]) for r, w in
-              zip(runs, world, strict=True)]  # fmt: skip
-    s["motion_vs_world_min"] = spread([float(r.min()) for r in ratios])
-    s["motion_vs_world_max"] = spread([float(r.max()) for r in ratios])
-    s["seam"] = spread([float(np.mean(r["per_window"]["seam"])) for r in runs])
-    last = min(max(multiples), windows)
-    s["clipped@last"] = spread([r["per_window"]["clipped"][last - 1] for r in runs])
-    s["flicker@last"] = spread([r["per_window"]["flicker"][last - 1] for r in runs])
+    for x in multiples:
+        w = x - 1
+        for m in METRICS:
+            if m == "seam":
+                continue
+            if x > windows:
+                s[f"{m}/world@{x}x" if m in RELATIVE else f"{m}@{x}x"] = None
+            elif m in RELATIVE:
+                own = [v["per_window"][m][w] for v in world]
+                ratios = [r["per_window"][m][w] / max(o, 1e-9) for r, o in zip(runs, own, strict=True)]
+                s[f"{m}/world@{x}x"] = spread(ratios)
+            else:
+                s[f"{m}@{x}x"] = spread([r["per_window"][m][w] for r in runs])
+    s["seam"] = spread([_mean(r["per_window"]["seam"]) for r in runs])
     if windows > 1:
-        s["dynamic_last/first"] = spread([r["per_window"]["dynamic"][-1] / r["per_window"]["dynamic"][0] for r in runs])
         s["drift_median"] = spread([float(np.median(r["rollout_drift"])) for r in runs])
         all_drift = [d for r in runs for d in r["rollout_drift"]]
-        s["drift_median_all"] = [float(np.median(all_drift)), 0.0]
         s["drift_worst"] = [float(np.max(all_drift)), 0.0]
         s["no_repeat"] = spread([r["no_repeat"] for r in runs])
     by_seed = {m: np.array([r["per_window"][m] for r in runs]) for m in METRICS}  # [seeds, windows]
-    return {
-        "windows": windows,
-        "summary": s,
-        "per_window": {m: v.mean(0).tolist() for m, v in by_seed.items()},
-        "per_window_min": {m: v.min(0).tolist() for m, v in by_seed.items()},
-        "per_window_max": {m: v.max(0).tolist() for m, v in by_seed.items()},
-        "per_seed": runs,
-    }
+    with warnings.catch_warnings():  # a window where no seed saw an object move stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {
+            "windows": windows,
+            "summary": s,
+            "per_window": {m: np.nanmean(v, 0).tolist() for m, v in by_seed.items()},
+            "per_window_min": {m: np.nanmin(v, 0).tolist() for m, v in by_seed.items()},
+            "per_window_max": {m: np.nanmax(v, 0).tolist() for m, v in by_seed.items()},
+            "per_seed": runs,
+        }
 
 
 def _fmt(v: list[float] | None, pct: bool = False) -> str:
-    if v is None:
+    if v is None or not math.isfinite(v[0]):
         return "-"
     if pct:
         return f"{100 * v[0]:.1f}% ± {100 * v[1]:.1f}" if v[1] else f"{100 * v[0]:.1f}%"
-    return f"{v[0]:.3f} ± {v[1]:.3f}"
+    return f"{v[0]:.2f} ± {v[1]:.2f}"
+
+
+# (column, summary key, as a percentage): `{x}` is the first or the last multiple.
+COLUMNS = [
+    ("pixel change / world @{x}x", "pixel_change/world@{x}x", False),
+    ("object speed / world @{x}x", "object_speed/world@{x}x", False),
+    ("objects present @{x}x", "presence@{x}x", True),
+    ("blobs per object @{x}x", "blobs@{x}x", False),
+    ("clipped channels @{x}x", "clipped@{x}x", True),
+    ("luminance / world @{x}x", "luminance/world@{x}x", False),
+    ("colour drift @{x}x", "colour_drift@{x}x", False),
+    ("fidelity @{x}x", "fidelity@{x}x", False),
+]
 
 
 def table(results: dict, multiples: tuple[int, ...] = (1, 5, 20)) -> str:
-    """Markdown, every figure the mean ± standard deviation over the evaluation seeds."""
-    last = max(multiples)
-    head = ["model"] + [f"fidelity @{x}x" for x in multiples]
-    head += ["motion / world (lowest window)", "motion / world (highest window)", "chunk seam",
-             f"clipped channels @{last}x", f"luminance drift per rollout @{last}x: median (worst)",
-             f"dynamic {last}x / 1x", f"flicker @{last}x", "NoRepeat"]  # fmt: skip
+    """Markdown, every figure the mean ± standard deviation over the evaluation seeds, at the first and the last
+    multiple of the horizon."""
+    ends = sorted({multiples[0], multiples[-1]})
+    last = ends[-1]
+    cols = [(c.format(x=x), k.format(x=x), pct) for c, k, pct in COLUMNS for x in ends if not (k.startswith("colour")
+            and x == 1)]  # fmt: skip
+    head = ["model", *(c for c, _, _ in cols), "chunk seam", f"luminance drift per rollout @{last}x: median (worst)",
+            "NoRepeat"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in results.items():
         s = r["summary"]
-        long = r["windows"] >= last
         drift = "-"
-        if long and "drift_worst" in s:
+        if r["windows"] >= last and "drift_worst" in s:
             drift = f"{_fmt(s['drift_median'], True)} ({100 * s['drift_worst'][0]:.1f}%)"
-        row = [label] + [_fmt(s[f"fidelity@{x}x"]) for x in multiples]
-        row += [_fmt(s["motion_vs_world_min"]), _fmt(s["motion_vs_world_max"]), _fmt(s["seam"])]
-        row += [_fmt(s["clipped@last"], True) if long else "-", drift]
-        row += [_fmt(s.get("dynamic_last/first")), _fmt(s["flicker@last"]) if long else "-", _fmt(s.get("no_repeat"))]
+        row = [label, *(_fmt(s.get(k), pct) for _, k, pct in cols), _fmt(s["seam"]), drift, _fmt(s.get("no_repeat"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -199,3 +246,48 @@ def plots(results: dict, horizon: int, fps: int, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{metric}.png", dpi=100)
         plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from train.config import RECIPES
+
+    p = argparse.ArgumentParser(
+        prog="python -m train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Writes into <out>/eval/; with --shipped --ship-tables it also writes into the repository: the "
+        "README's evaluation table and the shipped models' MODEL_CARD.md (sfpp/assets/*), from this evaluation.",
+    )  # fmt: skip
+    p.add_argument("--recipe", default="toy", choices=sorted(RECIPES))
+    p.add_argument("--out", required=True, help="the run directory (with --shipped: any folder for eval/)")
+    p.add_argument("--shipped", action="store_true", help="the models in sfpp/assets instead of the run's stages")
+    p.add_argument("--ship-tables", action="store_true", help="with --shipped: write the table into the README and "
+                   "the shipped model cards (the weights are left as they are)")  # fmt: skip
+    p.add_argument("--prompts", type=int, default=16, help="prompts per evaluation seed (default: 16)")
+    p.add_argument("--seeds", type=int, default=len(EVAL_SEEDS), help="evaluation seeds (default: 3)")
+    p.add_argument("--multiples", default="1,5,20", help="horizons to report, in teacher horizons (default: 1,5,20)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    multiples = tuple(int(x) for x in args.multiples.split(","))
+    if args.prompts < 1 or args.seeds < 1 or min(multiples) < 1 or list(multiples) != sorted(set(multiples)):
+        p.error("--prompts and --seeds must be positive, --multiples increasing positive integers")
+    recipe = RECIPES[args.recipe]
+    if args.shipped and recipe.wan:
+        p.error("--shipped evaluates the toy world's shipped models: use --recipe toy")
+    if args.ship_tables and not args.shipped:
+        p.error("--ship-tables writes the evaluation of the shipped models: add --shipped")
+    torch.set_num_threads(1)
+    if args.ship_tables:
+        from train.ship import check_shippable
+
+        check_shippable(recipe)  # before the evaluation's minutes, not after
+    evaluate(recipe, Path(args.out), torch.device(args.device), args.prompts, multiples, tuple(range(args.seeds)),
+             shipped=args.shipped)  # fmt: skip
+    if args.ship_tables:
+        from train.ship import restamp_tables
+
+        restamp_tables(recipe, Path(args.out) / "eval")
+
+
+if __name__ == "__main__":
+    main()

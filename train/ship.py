@@ -157,11 +157,60 @@ def _report(run: Path, to: Path) -> None:
     print(f"shipped {run} -> {to} ({size / 2**20:.1f} MiB)")
 
 
+EVAL_HEADER = "## Long-horizon evaluation"
+
+
+def eval_section(recipe: Recipe, command: str, table: str, meta: dict) -> str:
+    """The model card's evaluation section: how `train.evaluate` measured, what each column means, its table."""
+    seeds, prompts = len(meta.get("seeds", [])), meta.get("prompts_per_seed", 0)
+    last = max(meta.get("multiples", [20]))
+    return f"""{EVAL_HEADER} (`{command}`)
+
+Rollouts of {last}x the {recipe.horizon}-frame teacher horizon, {prompts} prompts per evaluation seed, {seeds} seeds
+(each its own prompts and noise); every figure is the mean ± standard deviation over the seeds, in the horizon-long
+window at that multiple (`train/evaluate.py`, `train/metrics.py`). Pixel change / world: the mean change of a pixel
+channel from frame to frame over the world's on the same prompts (flicker: a video that boils changes more than the
+world however little its objects move). Object speed / world: how fast each prompted object's blob moves, over the
+world's speed. Objects present: the share of frames where a prompted object is exactly one blob of its colour and
+about its size (the world's own objects are sometimes occluded). Blobs per object: 1 in the world; 2-3 where an
+object splits, 0 where it is lost. Clipped channels: pixel channels at exactly 0 or 255. Luminance / world: exposure
+against the world's. Colour drift: total-variation distance of the colour histogram from the rollout's own first
+window (the world moves too). Fidelity: presence x size x speed agreement with the world's ground truth (1 = all of
+them, always). Chunk seam: frame-to-frame change across a chunk boundary over the change inside a chunk. Luminance
+drift per rollout: |last window - first window| / first window, median over the rollouts (worst in brackets).
+NoRepeat: the share of frames unlike every frame a horizon or more earlier. The teacher is bidirectional and
+generates one horizon (it does not ship: an evaluation of the shipped models leaves it out).
+
+{table}"""
+
+
+def restamp_tables(recipe: Recipe, eval_dir: Path, readme: Path = README, checkout: Path = CHECKOUT) -> None:
+    """Write `train.evaluate`'s table of the shipped models (`--shipped`) into the README's block and each shipped
+    model card's evaluation section, leaving the weights and the rest of each card as they are."""
+    check_shippable(recipe, checkout)
+    table = (eval_dir / "table.md").read_text()
+    meta = json.loads((eval_dir / "results.json").read_text())
+    command = f"python -m train.evaluate --shipped --out {eval_dir.parent}"
+    text = readme.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ShipError(f"{readme} has no {README_BEGIN} ... {README_END} block for the evaluation table")
+    files = {readme: text[: begin + len(README_BEGIN)] + "\n" + table + text[end:]}
+    for name in SHIPPED_STAGES:
+        card = SHIPPED_MODELS[name] / "MODEL_CARD.md"
+        old = card.read_text()
+        if EVAL_HEADER not in old:
+            raise ShipError(f"{card} has no {EVAL_HEADER!r} section")
+        files[card] = old[: old.index(EVAL_HEADER)] + eval_section(recipe, command, table, meta)
+    staged = {target: _staged_file(target, content) for target, content in files.items()}
+    for target, path in staged.items():
+        _swap(path, target)
+
+
 def model_card(recipe: Recipe, out: Path, stage: str) -> str:
     eval_dir = out / "eval"
     table = (eval_dir / "table.md").read_text() if (eval_dir / "table.md").is_file() else "(not evaluated)\n"
     meta = json.loads((eval_dir / "results.json").read_text()) if (eval_dir / "results.json").is_file() else {}
-    seeds, prompts = len(meta.get("seeds", [])), meta.get("prompts_per_seed", 0)
     costs = []
     for name in ("teacher", "ode", "dmd", "extended", "grpo"):
         metrics = out / name / "final" / "metrics.json"
@@ -190,15 +239,4 @@ Recipe `{recipe.name}` in `train/config.py`, every stage on a 2-core CPU: {"; ".
 runs teacher -> ode -> dmd (Self-Forcing) -> extended (Self-Forcing++) -> grpo, then the evaluation and the
 packaging of all three students. Each stage resumes from its last checkpoint if interrupted.
 
-## Long-horizon evaluation (`python -m train eval --recipe {recipe.name} --out {out}`)
-
-Rollouts of 20x the {recipe.horizon}-frame teacher horizon, {prompts} prompts per evaluation seed, {seeds} seeds (each
-its own prompts and noise); every figure is the mean ± standard deviation over the seeds (`train/evaluate.py`,
-`train/metrics.py`). Fidelity: the prompted objects present with their colour, size and speed, against the world's
-ground truth (1 = all of them, always). Motion / world: the model's optical-flow magnitude over the world's on the
-same prompts, lowest and highest {recipe.horizon}-frame window. Chunk seam: frame-to-frame change across a chunk
-boundary over the change inside a chunk. Clipped channels: pixel channels at exactly 0 or 255. Luminance drift per
-rollout: |last window - first window| / first window, median over the rollouts (worst in brackets). The teacher
-is bidirectional and generates one horizon.
-
-{table}"""
+{eval_section(recipe, f"python -m train eval --recipe {recipe.name} --out {out}", table, meta)}"""
