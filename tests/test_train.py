@@ -235,7 +235,7 @@ def test_ode_regression_sees_the_context_inference_gives(smoke_run, monkeypatch)
     monkeypatch.setattr(student, "forward", lambda x, t, ctx, **kw: seen.append((x, t)) or forward(x, t, ctx, **kw))
     for step in range(6):
         stage.step(step)
-    data, fpc = stage.trajectories, recipe.frames_per_chunk
+    data, fpc = stage.trajectories[0], recipe.frames_per_chunk  # one micro-batch: its virtual rank's share
     student_t = [1000 * s for s in stage.schedule.sigmas]
     samples = [(x[b], t[b]) for x, t in seen for b in range(x.shape[0])]
     assert any(float(t[0]) == 0 for _, t in samples), "no sample had a context before its chunk"

@@ -233,8 +233,9 @@ class Stage:
     ) -> tuple[RingKVCache, R.ChunkRunner]:
         """A ring cache in the compute dtype holding the prompts' text K/V, and the chunk runner of `rollout`'s model
         bound to it. Kept per (batch, slot) and reset for the next rollout, as the pipeline reuses a stream's
-        state: a runner's CUDA graphs are captured once per fill level, not once per rollout."""
-        key = (batch, slot)
+        state: a runner's CUDA graphs are captured once per fill level, not once per rollout. Keyed by the rollout
+        model too: a runner is bound to its model."""
+        key = (rollout, batch, slot)
         if key not in self.pool:
             h, w = self.recipe.latent_hw
             tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
@@ -491,11 +492,15 @@ class ODEStage(Stage):
         self.optimizers["student"].zero_grad(set_to_none=True)
         total = 0.0
         for k in self.micro_batches():
-            total += self._micro_step(self.trajectories[k]) / self.accumulate
+            loss = self.regression_loss(*self.regression_batch(self.trajectories[k]))
+            (loss / self.accumulate).backward()  # the gradient of the mean over the micro-batches
+            total += loss.item() / self.accumulate
         _clip_and_step(self.models["student"], self.optimizers["student"], None)
         return self.mean_losses({"loss": total})
 
-    def _micro_step(self, data: dict) -> float:
+    def regression_batch(self, data: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One micro-batch of eq. 4 from a virtual rank's trajectories: x [B, C, F, h, w], sigma [B, F], the
+        context [B, Lt, text_dim], the clean targets and the mask of the chunk each sample learns [B, F]."""
         cfg, rc = self.recipe.ode, self.recipe
         idx = torch.randint(len(data["prompts"]), (cfg.batch_size,), generator=self.generator)
         chunks = math.ceil(rc.horizon / rc.frames_per_chunk)
@@ -507,12 +512,15 @@ class ODEStage(Stage):
         sigma = torch.tensor(self.schedule.sigmas)[which][:, None] * noisy  # [B, F]: 0 on the clean context
         sigma, noisy, clean = sigma.to(self.device), noisy.to(self.device), clean.to(self.device)
         ctx = self.encode(self.text, [data["prompts"][i] for i in idx.tolist()])
+        return x, sigma, ctx, clean, noisy
+
+    def regression_loss(self, x: Tensor, sigma: Tensor, ctx: Tensor, clean: Tensor, noisy: Tensor) -> Tensor:
+        """The mean squared error of the learnt chunks' x0 (every sample has the same number of them)."""
+        rc = self.recipe
         flow = self.models["student"](x, 1000 * sigma, ctx, frames_per_chunk=rc.frames_per_chunk, window=rc.window)
         x0 = flow_to_x0(x, flow, sigma[:, None, :, None, None])
         weight = noisy[:, None, :, None, None].expand_as(x0)
-        loss = F.mse_loss(x0[weight], clean[weight])
-        (loss / self.accumulate).backward()
-        return loss.item()
+        return F.mse_loss(x0[weight], clean[weight])
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
         return {"student": full_state_dict(self.models["student"])}
