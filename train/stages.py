@@ -229,13 +229,13 @@ class Stage:
         return (batch, self.recipe.model.in_channels, self.recipe.frames_per_chunk, h, w)
 
     def new_cache(
-        self, model: WanModel, batch: int, ctx: Tensor, rollout: R.RolloutModel, slot: int = 0
+        self, model: WanModel, batch: int, ctx: Tensor, rollout: R.RolloutModel
     ) -> tuple[RingKVCache, R.ChunkRunner]:
         """A ring cache in the compute dtype holding the prompts' text K/V, and the chunk runner of `rollout`'s model
-        bound to it. Kept per (batch, slot) and reset for the next rollout, as the pipeline reuses a stream's
+        bound to it. Kept per batch size and reset for the next rollout, as the pipeline reuses a stream's
         state: a runner's CUDA graphs are captured once per fill level, not once per rollout. Keyed by the rollout
         model too: a runner is bound to its model."""
-        key = (rollout, batch, slot)
+        key = (rollout, batch)
         if key not in self.pool:
             h, w = self.recipe.latent_hw
             tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
@@ -682,13 +682,13 @@ class GRPOStage(Stage):
     def step(self, step: int) -> dict[str, float]:
         cfg, policy, K = self.recipe.grpo, self.models["policy"], self.accumulate
         rollout = self.rollout_model("policy")
-        groups = []  # per micro-batch: its cache, context, recorded rollout, advantages
+        groups = []  # per micro-batch: its context, recorded rollout, advantages (the replay restarts the ring)
         reward = 0.0
-        for k in self.micro_batches():
+        for _ in self.micro_batches():
             prompts = self.prompts(step, cfg.prompts_per_step, 6)
             prompts = [p for p in prompts for _ in range(cfg.group_size)]  # [P * G]
             ctx = self.encode(self.text, prompts)
-            cache, _ = self.new_cache(policy, len(prompts), ctx, rollout, slot=k)
+            cache, _ = self.new_cache(policy, len(prompts), ctx, rollout)  # one ring for every micro-batch
             # The rollout copy on the torch path (kernels off): its log-probabilities are what the replay recomputes
             # with gradients, so the first epoch's ratios are exactly 1.
             record = R.policy_rollout(
@@ -699,12 +699,12 @@ class GRPOStage(Stage):
             rewards = torch.tensor([smoothness_reward(f, cfg.flow_floor) for f in frames])
             g = rewards.view(-1, cfg.group_size)
             advantages = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).flatten().to(self.device)
-            groups.append((cache, ctx, record, advantages))
+            groups.append((ctx, record, advantages))
             reward += float(rewards.mean()) / K
         total = 0.0
         for _ in range(cfg.inner_epochs):
             self.optimizers["policy"].zero_grad(set_to_none=True)
-            for cache, ctx, record, advantages in groups:
+            for ctx, record, advantages in groups:
                 cache.reset()
                 with torch.no_grad():
                     cache.set_text(policy.text_kv(ctx))
