@@ -235,7 +235,7 @@ def test_ode_regression_sees_the_context_inference_gives(smoke_run, monkeypatch)
     monkeypatch.setattr(student, "forward", lambda x, t, ctx, **kw: seen.append((x, t)) or forward(x, t, ctx, **kw))
     for step in range(6):
         stage.step(step)
-    data, fpc = stage.trajectories, recipe.frames_per_chunk
+    data, fpc = stage.trajectories[0], recipe.frames_per_chunk  # one micro-batch: its virtual rank's share
     student_t = [1000 * s for s in stage.schedule.sigmas]
     samples = [(x[b], t[b]) for x, t in seen for b in range(x.shape[0])]
     assert any(float(t[0]) == 0 for _, t in samples), "no sample had a context before its chunk"
@@ -307,10 +307,14 @@ def test_unknown_recipe_and_stage():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
 def test_two_process_training_keeps_ranks_identical(tmp_path):
-    """torchrun, 2 CPU processes (gloo, FSDP2 with one unit per block + the root, activation checkpointing): every
-    stage of the smoke recipe, whose windows start at different frames and restart at different steps from step to
-    step (so a different number of forward passes each step), then eval on rank 0; `all` ships nothing (the shipped
-    models and the README are byte-identical afterwards), and `ship --to` packages a student where it is told."""
+    """torchrun, 2 CPU processes (gloo, FSDP2 with one unit per block + the root, activation checkpointing, bf16
+    through the MixedPrecisionPolicy): every stage of the smoke recipe, whose windows start at different frames and
+    restart at different steps from step to step (so a different number of forward passes each step), then eval on
+    rank 0; `all` ships nothing (the shipped models and the README are byte-identical afterwards), and `ship --to`
+    packages a student where it is told. One process accumulating 2 micro-batches (virtual ranks 0 and 1, the same
+    policy over a group of one) trains what the 2 processes trained: the same teacher and ODE losses up to the fp32
+    order of the gradient reduction (rel 1e-3; measured: 4e-4), and resumed mid-stage it equals itself
+    uninterrupted."""
     from test_ship import tree_digest
 
     from train.ship import README, SHIPPED_MODELS
@@ -319,7 +323,7 @@ def test_two_process_training_keeps_ranks_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = ["--recipe", "smoke", "--out", str(tmp_path / "run")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "train", "all",
-           *run, "--device", "cpu"]  # fmt: skip
+           *run, "--device", "cpu", "--dtype", "bfloat16"]  # fmt: skip
     # A rank that drew a different window would hang in a per-block all-gather: the timeout makes that a failure.
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -331,6 +335,16 @@ def test_two_process_training_keeps_ranks_identical(tmp_path):
         sums, own = metrics["rank_checksums"], metrics["rank_fingerprints"]
         assert len(sums) == 2 and sums[0] == sums[1], stage
         assert len(own) == 2 and own[0] == own[1], stage  # each rank's own draws, hashed before any collective
+    one = replace(get_recipe("smoke"), dtype="bfloat16", accumulate=2)
+    TeacherStage(one, tmp_path / "resumed", Dist()).run(stop_after=2)  # "crash" after the step-2 checkpoint
+    for stage in ("teacher", "ode"):
+        history = run_stage(stage, one, tmp_path / "one", Dist())
+        if stage == "teacher":
+            assert run_stage(stage, one, tmp_path / "resumed", Dist()) == history
+        torchrun = json.loads((tmp_path / "run" / stage / "final" / "metrics.json").read_text())["history"]
+        assert len(history) == len(torchrun), stage
+        for ours, theirs in zip(history, torchrun, strict=True):
+            assert ours == pytest.approx(theirs, rel=1e-3), stage
     assert (tmp_path / "run" / "eval" / "table.md").is_file()
     assert (tmp_path / "run" / "eval" / "dynamic.png").is_file()
     refused = subprocess.run([sys.executable, "-m", "train", "ship", *run], env=env, cwd=ROOT, capture_output=True,
@@ -344,3 +358,120 @@ def test_two_process_training_keeps_ranks_identical(tmp_path):
 
     video = Pipeline.from_pretrained(tmp_path / "model")("a big red circle", num_frames=7, seed=0, progress=False)
     assert video.frames.shape == (1, 7, 32, 32, 3)
+
+
+def _with_teacher_and_ode(out, to):
+    for dep in ("teacher", "ode"):
+        shutil.copytree(out / dep, to / dep, dirs_exist_ok=True)
+    return to
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointed_blocks_give_identical_gradients(every):
+    """Activation checkpointing of every `every`-th block recomputes the same fp32 forward in the backward: the
+    gradients are bit-identical to the unchecked model's, and the checkpointed blocks did run twice."""
+    from conftest import randomize_
+
+    cfg = replace(get_recipe("smoke").model, num_layers=3)
+    model = randomize_(WanModel(cfg), scale=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 6, 8, 8, generator=g)
+    t = 1000 * torch.rand(2, 6, generator=g)
+    ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
+    weight = torch.randn(2, 16, 6, 8, 8, generator=g)
+    calls = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))  # the recompute may stop early: no post hook
+    grads = {}
+    for k in (0, every):
+        model.checkpoint_blocks = k
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        (model(x, t, ctx, frames_per_chunk=3, window=6) * weight).sum().backward()
+        grads[k] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert len(calls) == 3 + (len(range(0, 3, k)) if k else 0)  # a checkpointed block's forward runs again
+    for n, grad in grads[0].items():
+        assert torch.equal(grads[every][n], grad), n
+
+
+def test_accumulating_four_micro_batches_of_two_is_one_batch_of_eight(smoke_run, tmp_path):
+    """accumulate=4 with micro-batches of 2 (virtual ranks 0-3, each with its own data and random stream) gives the
+    gradient of one batch of 8 made of the same samples: equal up to fp32 summation order (rtol 1e-5)."""
+    recipe, out, _ = smoke_run
+    shutil.copytree(out / "teacher", tmp_path / "teacher")
+    acc = replace(recipe, accumulate=4)
+    assert acc.ode.batch_size == 2
+    stage = ODEStage(acc, tmp_path, Dist())
+    stage.step(0)  # the gradients stay in .grad after the optimizer step (zeroed at the next step's start)
+    ours = {n: p.grad.clone() for n, p in stage.models["student"].named_parameters()}
+    ref = ODEStage(acc, tmp_path, Dist())  # the same weights, trajectories (cached on disk) and random streams
+    batches = [ref.regression_batch(ref.trajectories[k]) for k in ref.micro_batches()]
+    assert not torch.equal(batches[0][0], batches[1][0])  # each micro-batch has its virtual rank's samples
+    whole = [torch.cat(parts) for parts in zip(*batches, strict=True)]
+    assert whole[0].shape[0] == 8
+    ref.regression_loss(*whole).backward()
+    for n, p in ref.models["student"].named_parameters():
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-5, atol=1e-6 * scale, msg=n)
+
+
+def test_bf16_tracks_fp32_and_steps_the_fp32_master_weights(smoke_run, tmp_path):
+    """dtype bfloat16 (FSDP2's MixedPrecisionPolicy over a group of one): the first three DMD steps' losses stay
+    within 5% of fp32's (bf16 keeps 8 mantissa bits; measured: under 2%) without equalling them, the real score is
+    held in bf16, and the sharded parameters stay fp32 master weights that take updates too small for bf16."""
+    recipe, out, histories = smoke_run
+    run = _with_teacher_and_ode(out, tmp_path)
+    stage = DMDStage(replace(recipe, dtype="bfloat16"), run, Dist())
+    assert stage.teacher.dtype == torch.bfloat16
+    gen = stage.models["generator"]
+    before = {n: p.to_local().detach().clone() for n, p in gen.named_parameters()}
+    history = stage.run(stop_after=3)  # generator updates at steps 0 and 2, critic updates at every step
+    reference = histories["dmd"][:3]
+    assert history != reference  # computed in bf16
+    for ours, theirs in zip(history, reference, strict=True):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=0.05), key
+    tiny = 0
+    for n, p in gen.named_parameters():
+        master = p.to_local().detach()
+        assert master.dtype == torch.float32, n
+        tiny += int(((master != before[n]) & (master.bfloat16() == before[n].bfloat16())).sum())
+    assert tiny > 0  # updates a bf16 copy of the weights would have lost
+
+
+def test_lora_trains_only_adapters_and_the_merge_is_the_adapted_rollout(smoke_run, tmp_path):
+    """lora_rank 4: only the adapters train (the base weights are bit-identical after two generator updates); the
+    merged plain state dict (what the stage writes) rolls out the adapted model's video up to fp32 rounding (1e-4),
+    and that video is not the base model's."""
+    from train.common import full_state_dict
+
+    recipe, out, _ = smoke_run
+    run = _with_teacher_and_ode(out, tmp_path)
+    lora = replace(recipe, lora_rank=4, self_forcing=replace(recipe.self_forcing, gen_lr=1e-2))  # visibly moves
+    torch.manual_seed(0)
+    stage = DMDStage(lora, run, Dist())
+    gen = stage.models["generator"]
+    before = {n: p.detach().clone() for n, p in gen.named_parameters()}
+    stage.run(stop_after=3)
+    trained = {n for n, p in gen.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n for n in trained)
+    changed = {n for n, p in gen.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".lora_B." in n for n in changed) and changed <= trained
+    optimized = {id(p) for group in stage.optimizers["generator"].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in gen.parameters() if p.requires_grad}
+
+    merged = WanModel(recipe.model)
+    merged.load_state_dict(stage.plain(full_state_dict(gen), gen))  # strict: a plain WanModel
+    base = WanModel(recipe.model)
+    base.load_state_dict({k.replace(".base_layer.", "."): v for k, v in before.items() if ".lora_" not in k})
+    ctx = stage.encode(stage.text, ["a big red circle", "a small blue square"])
+    videos = []
+    for model in (gen, merged, base):
+        cache = RingKVCache(model.cfg, batch_size=2, frame_tokens=16, window=recipe.window)
+        with torch.no_grad():
+            cache.set_text(model.text_kv(ctx))
+        videos.append(R.student_rollout(model, cache, SHAPE, 12, stage.schedule, torch.Generator().manual_seed(5)))
+    adapted, plain, original = videos
+    torch.testing.assert_close(plain, adapted, rtol=1e-4, atol=1e-4)
+    assert float((original - adapted).abs().max()) > 100 * float((plain - adapted).abs().max())

@@ -95,6 +95,50 @@ def test_self_forcing_checkpoint_replaces_ode_init(wan_files, tmp_path):
     assert not list((tmp_path / "run" / "ode").glob("trajectories_*"))  # no teacher trajectories were sampled
 
 
+def test_self_forcing_checkpoint_starts_extended_and_its_lora_export_loads(wan_files, tmp_path):
+    """`extended` from a Self-Forcing `.pt` with the Wan2.1 directory as its real score (and the critic's start), in
+    bf16 with LoRA: its generator starts as the checkpoint, and the stage's merged plain output loads as
+    `Pipeline.from_pretrained(wan_dir, checkpoint=)`, weight for weight, moved off the checkpoint by the adapters."""
+    from sfpp import Pipeline
+    from train.common import full_state_dict
+    from train.stages import ExtendedDMDStage
+
+    wan_dir, prompts, dit = wan_files
+    sf = randomize_(WanModel(CFG), seed=1, scale=0.05)
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in sf.state_dict().items()}}, tmp_path / "self_forcing.pt")
+    recipe = tiny_recipe(wan_dir, prompts, student_checkpoint=str(tmp_path / "self_forcing.pt"))
+    run = tmp_path / "run"
+    run_stage("teacher", recipe, run, Dist())
+    stage = ExtendedDMDStage(recipe, run, Dist())  # the recipe's bf16: fp32 master weights, a bf16 real score
+    generator, critic = (full_state_dict(stage.models[name]) for name in ("generator", "critic"))
+    for k, v in sf.state_dict().items():
+        assert torch.equal(generator[k], v), k
+    for k, v in dit.state_dict().items():
+        assert torch.equal(critic[k], v) and torch.equal(stage.teacher.state_dict()[k], v.bfloat16()), k
+    lora = replace(recipe, lora_rank=2)
+    for name in ("ode", "dmd", "extended"):  # ode and dmd have nothing to train from a Self-Forcing student
+        assert (run_stage(name, lora, run, Dist()) == []) == (name != "extended"), name
+    exported = run / "extended" / "final" / "ema.safetensors"
+    weights = load_file(exported)
+    pipe = Pipeline.from_pretrained(wan_dir, checkpoint=exported, dtype=torch.float32)
+    for k, v in pipe.transformer.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    q = "blocks.0.self_attn.q.weight"
+    assert not torch.equal(weights[q], sf.state_dict()[q])  # the merged adapter
+    assert torch.equal(weights["head.head.weight"], sf.state_dict()["head.head.weight"])  # no adapter there
+
+
+def test_cached_prompt_embeddings_belong_to_their_prompt_file(wan_files, tmp_path):
+    wan_dir, prompts, _ = wan_files
+    recipe = tiny_recipe(wan_dir, prompts)
+    run_stage("teacher", recipe, tmp_path, Dist())
+    run_stage("teacher", recipe, tmp_path, Dist())  # the same inputs: the cached embeddings are reused
+    other = tmp_path / "other.txt"
+    other.write_text("a green cone\n")
+    with pytest.raises(ValueError, match="holds the embeddings of other prompts"):
+        run_stage("ode", replace(recipe, prompt_file=str(other)), tmp_path, Dist())
+
+
 def test_wan_recipe_needs_its_files(tmp_path):
     recipe = get_recipe("wan2.1-1.3b")
     assert recipe.model.dim == 1536 and recipe.horizon == recipe.window == 21

@@ -7,7 +7,8 @@ python -m train eval --recipe toy --out runs/toy         # long-horizon evaluati
 python -m train ship --recipe smoke --out /tmp/smoke --to /tmp/model   # package one student as a model directory
 python -m train ship --recipe toy --out runs/toy         # WRITES INTO THE REPOSITORY: the shipped models, README
 torchrun --nproc_per_node=8 -m train all --recipe wan2.1-1.3b --wan-dir Wan2.1-T2V-1.3B --prompts prompts.txt \
-    --out runs/wan [--checkpoint self_forcing_dmd.pt]    # from Wan2.1's weights: the paper's setting
+    --out runs/wan [--checkpoint self_forcing_dmd.pt]    # from Wan2.1's weights: the paper's setting (bf16)
+python -m train extended --recipe wan2.1-1.3b ... --accumulate 8 --lora-rank 64   # batch 8 on one GPU, LoRA
 
 Every command writes into --out (the run directory) and nowhere else, except `ship` without --to, which writes into
 the repository: the three shipped models (sfpp/assets/default, self-forcing, self-forcing++-grpo) and the README's
@@ -56,16 +57,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wan-dir", default=None, help="wan2.1-1.3b: the Wan2.1 directory (Wan's or diffusers' layout)")
     p.add_argument("--prompts", default=None, help="wan2.1-1.3b: prompt file, one prompt a line")
     p.add_argument("--checkpoint", default=None, help="wan2.1-1.3b: a Self-Forcing student instead of ODE init")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default: recipe's)")
+    p.add_argument("--accumulate", type=int, default=None, help="micro-batches per optimizer step (default: 1)")
+    p.add_argument("--lora-rank", type=int, default=None, help="peft LoRA rank of the DMD/GRPO models (0: full)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default: alpha = rank)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=None, help="activation checkpointing of every k-th block (0: none)"
+    )
     args = p.parse_args(argv)
     if args.ship_to and args.command != "ship":
         p.error("--to belongs to `ship`: `all` trains and evaluates, and ships nothing")
 
     if "SFPP_THREADS" in os.environ:  # small models on a busy CPU run faster on one thread than on two
         torch.set_num_threads(int(os.environ["SFPP_THREADS"]))
-    recipe, out = get_recipe(args.recipe), Path(args.out)
+    training = {"dtype": args.dtype, "accumulate": args.accumulate, "lora_rank": args.lora_rank,
+                "lora_alpha": args.lora_alpha, "checkpoint_blocks": args.checkpoint_every}  # fmt: skip
+    training = {k: v for k, v in training.items() if v is not None}
+    try:
+        recipe, out = get_recipe(args.recipe, **training), Path(args.out)
+    except ValueError as exc:
+        p.error(str(exc))
     wan_args = {"wan_dir": args.wan_dir, "prompt_file": args.prompts, "student_checkpoint": args.checkpoint}
     if recipe.wan:
-        recipe = get_recipe(args.recipe, **{k: str(Path(v).resolve()) for k, v in wan_args.items() if v})
+        recipe = get_recipe(args.recipe, **training, **{k: str(Path(v).resolve()) for k, v in wan_args.items() if v})
     elif any(wan_args.values()):
         p.error(f"--wan-dir, --prompts and --checkpoint belong to the wan recipes, not {args.recipe!r}")
     env = init_distributed(args.device)

@@ -50,18 +50,44 @@ def init_distributed(device: str | None = None) -> Dist:
     return Dist(dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 
-def shard(module: nn.Module, env: Dist, forward_methods: tuple[str, ...] = ()) -> nn.Module:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _process_group(env: Dist) -> None:
+    """FSDP2 needs a process group; one process gets a group of one (in memory, no rendezvous), so the same policy
+    runs unsharded there."""
+    if not dist.is_initialized():
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def shard(module: nn.Module, env: Dist, forward_methods: tuple[str, ...] = (), dtype: str = "float32") -> nn.Module:
     """FSDP2 over all ranks in torchtitan's order: one unit per DiT block (each gathers only its own weights, just in
     time), then the root for what is left (embeddings, head). `forward_methods` are entry points other than forward
-    (e.g. forward_chunk, text_kv) that must unshard parameters; each block serves `text_kv` for its layer."""
-    if env.world_size == 1:
-        return module
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    (e.g. forward_chunk, text_kv) that must unshard parameters; each block serves `text_kv` for its layer.
 
+    dtype "bfloat16": FSDP2's MixedPrecisionPolicy, as Self-Forcing and torchtitan train: the sharded parameters,
+    their gradients and the AdamW state stay fp32 (the master weights); each unit is gathered in bf16 and computes
+    in bf16; gradients are reduced in fp32. Inputs are not cast (`cast_forward_inputs=False`): the DiT keeps its
+    residual stream and modulation in fp32 and casts to its weights' dtype itself, as at inference. On one process
+    the same policy runs over a group of one (nothing is split). fp32 on one process: the plain module."""
+    if env.world_size == 1 and dtype == "float32":
+        return module
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    _process_group(env)
+    param_dtype = compute_dtype(dtype)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in getattr(module, "blocks", ()):
-        fully_shard(block)
+        fully_shard(block, mp_policy=policy)
         register_fsdp_forward_method(block, "text_kv")  # called by the root, not through the block's forward
-    fully_shard(module)
+    fully_shard(module, mp_policy=policy)
     for name in forward_methods:
         register_fsdp_forward_method(module, name)
     return module
@@ -93,14 +119,15 @@ class EMA:
     """Exponential moving average of a model's parameters (sharded like the model under FSDP)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.decay = decay  # of the trained parameters only (with LoRA: the adapters; the base does not move)
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
         d = self.decay if decay is None else decay
         for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1 - d)
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1 - d)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: (t.full_tensor() if isinstance(t, DTensor) else t).cpu().clone() for n, t in self.shadow.items()}

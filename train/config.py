@@ -110,7 +110,14 @@ class Recipe:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     log_every: int = 25
     ckpt_every: int = 100
-    checkpoint_blocks: bool = True  # activation checkpointing per DiT block in every forward with gradients
+    # Activation checkpointing of every k-th DiT block in every forward with gradients (0: none, 1: every block).
+    checkpoint_blocks: int = 1
+    # "float32" (exactness tests, the toy) or "bfloat16": FSDP2's mixed precision, bf16 compute over fp32 master
+    # weights, gradients reduced in fp32, the frozen real score and the KV ring in bf16 (train.common.shard).
+    dtype: str = "float32"
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation; see Stage.vranks)
+    lora_rank: int = 0  # > 0: peft LoRA of this rank on the generator, critic and GRPO policy (train/lora.py)
+    lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = rank
     frame_width: int | None = None  # pixels; None: square frames of frame_size
     # The real model (`train/wan.py`): teacher = the Wan2.1 DiT in wan_dir (Wan's or diffusers' layout), prompts
     # from prompt_file encoded once by its umT5, student by ODE init or from a Self-Forcing student_checkpoint.
@@ -156,7 +163,7 @@ RECIPES: dict[str, Recipe] = {
         teacher=TeacherConfig(steps=3000),
         self_forcing=DMDConfig(steps=200, guidance=2.0),
         extended=extended_dmd(steps=200, guidance=2.0),
-        checkpoint_blocks=False,
+        checkpoint_blocks=0,
     ),
     "smoke": Recipe(
         "smoke",
@@ -190,6 +197,7 @@ RECIPES: dict[str, Recipe] = {
         self_forcing=DMDConfig(batch_size=1, gen_lr=2e-6, critic_lr=4e-7, rollout_frames=21, ema_start=200),
         extended=extended_dmd(batch_size=1, gen_lr=2e-6, critic_lr=4e-7, rollout_frames=400, ema_start=200),
         grpo=GRPOConfig(rollout_frames=84),
+        dtype="bfloat16",
     ),
 }
 
@@ -197,4 +205,12 @@ RECIPES: dict[str, Recipe] = {
 def get_recipe(name: str, **overrides) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    return replace(RECIPES[name], **overrides)
+    recipe = replace(RECIPES[name], **overrides)
+    if recipe.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {recipe.dtype!r}")
+    if recipe.accumulate < 1 or recipe.lora_rank < 0 or recipe.checkpoint_blocks < 0:
+        raise ValueError(
+            f"accumulate must be >= 1, lora_rank and checkpoint_blocks >= 0; got {recipe.accumulate}, "
+            f"{recipe.lora_rank}, {recipe.checkpoint_blocks}"
+        )
+    return recipe

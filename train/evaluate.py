@@ -79,6 +79,7 @@ def evaluate(
             students[label] = load_module(WanModel(recipe.model), path).to(device).eval()
 
     per_seed: dict[str, list[dict]] = {}
+    rollouts: dict[str, R.RolloutModel] = {}  # per student: as inference runs it, in the recipe's compute dtype
     for seed in seeds:
         specs = eval_specs(seed, num_prompts)
         ctx = helper.encode(helper.text, [s.prompt() for s in specs])
@@ -93,9 +94,12 @@ def evaluate(
             )  # fmt: skip
             videos[TEACHER] = helper.codec.decode_frames(x0).cpu().numpy()
         for label, student in students.items():
-            cache = helper.new_cache(student, num_prompts, ctx)
+            rollout = rollouts.setdefault(label, R.RolloutModel(student, helper.dtype, device, (0, None)))
+            cache, runner = helper.new_cache(rollout.get(), num_prompts, ctx, rollout)  # the chunk runner
             shape = helper.chunk_shape(num_prompts)
-            latents = R.student_rollout(student, cache, shape, k * max(multiples), helper.schedule, _gen(seed))
+            latents = R.student_rollout(
+                rollout.get(), cache, shape, k * max(multiples), helper.schedule, _gen(seed), runner=runner
+            )
             videos[label] = helper.codec.decode_frames(latents).cpu().numpy()
         for label, video in videos.items():
             per_seed.setdefault(label, []).append(video_metrics(video, specs, k, fpc))

@@ -1,6 +1,8 @@
 """Sampling for training: the teacher's ODE (Euler + CFG), student rollouts through the ring cache (every one through
-`sampler.denoise_chunk`, the loop inference runs), Self-Forcing++'s window with backward noise initialisation and
-its gradient replay, the DMD gradient, and the per-step Gaussian log-probabilities GRPO needs (eq. 7)."""
+`sampler.denoise_chunk`, the loop inference runs; the long no-grad context rollouts through inference's chunk
+runner, `ChunkRunner`, on `RolloutModel`'s copy of the student), Self-Forcing++'s window with backward noise
+initialisation and its gradient replay, the DMD gradient, and the per-step Gaussian log-probabilities GRPO needs
+(eq. 7)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sfpp.engine.cache import RingKVCache
+from sfpp.engine.graph import ChunkRunner
 from sfpp.engine.sampler import (
     FlowMatchSchedule,
     add_noise,
@@ -63,18 +66,75 @@ def student_rollout(
     num_frames: int,
     schedule: FlowMatchSchedule,
     generator: torch.Generator,
+    *,
+    runner: ChunkRunner | None = None,
 ) -> Tensor:
-    """Roll the student out over the ring cache exactly as at inference (`sampler.denoise_chunk`) for `num_frames`
-    more frames. Returns their clean latents [B, C, F, h, w] (no gradients)."""
+    """Roll the student out over the ring cache exactly as at inference for `num_frames` more frames: chunk by chunk
+    through the chunk runner inference uses (`runner`, bound to `cache`; one kept across rollouts replays its
+    captured CUDA graphs; by default an eager one of `model`). Returns their clean latents [B, C, F, h, w] (no
+    gradients)."""
+    if runner is None:
+        runner = ChunkRunner(model, cache, schedule)
+    if runner.cache is not cache:
+        raise ValueError("the runner is bound to another cache")
     out = []
     for _ in range(0, num_frames, chunk_shape[2]):
-        out.append(
-            denoise_chunk(
-                model.forward_chunk, cache, draw_noises(schedule, chunk_shape, generator, cache.k.device), schedule
-            )
-        )
-        cache.advance(chunk_shape[2])
+        out.append(runner(draw_noises(schedule, chunk_shape, generator, cache.k.device)))
     return torch.cat(out, dim=2)
+
+
+class RolloutModel:
+    """The student as inference runs it, for the no-grad rollouts.
+
+    A plain fp32 module on one process is its own rollout model (nothing changes: the exactness reference). Sharded
+    (FSDP2), in bf16 or with LoRA, every chunk forward through the trained module would all-gather every block again
+    (55 chunks x 5 passes per `extended` step); instead one copy of the full weights is gathered once after each
+    optimizer step (`stale`, then the next `get`), LoRA merged in, in the compute dtype (the same bf16 values FSDP's
+    policy casts to), copied in place so that captured CUDA graphs stay valid. `get(kernels=True)` runs it through the
+    dispatch table's fused kernels (`device_defaults`: on CUDA); `kernels=False` through the torch path, which
+    computes what the trained module computes, for rollouts whose values are replayed with gradients."""
+
+    def __init__(self, trained: nn.Module, dtype: torch.dtype, device: torch.device, lora: tuple[int, float | None]):
+        from sfpp.pipeline.settings import device_defaults
+        from train.lora import has_lora
+
+        self.trained, self.dtype, self.device, self.lora = trained, dtype, device, lora
+        self.plain = not hasattr(trained, "reshard") and not has_lora(trained) and dtype == torch.float32
+        kernels = device_defaults(device)["kernels"]
+        self.kernels = None if kernels == "none" else kernels
+        self.cuda_graph = bool(device_defaults(device)["cuda_graph"]) and not self.plain
+        self.copy: WanModel | None = None
+        self.fresh = False
+
+    def stale(self) -> None:
+        self.fresh = False
+
+    def get(self, kernels: bool = True) -> WanModel:
+        if self.plain:
+            return self.trained
+        if not self.fresh:
+            self._refresh()
+        return self.copy.use_kernels(self.kernels if kernels else None)
+
+    @torch.no_grad()
+    def _refresh(self) -> None:
+        from torch.distributed.tensor import DTensor
+
+        from train.lora import plain_state_dict
+
+        # Every rank gathers every tensor in the same order (DTensor.full_tensor is a collective).
+        sd = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.trained.state_dict().items()}
+        sd = {k: v.detach() for k, v in sd.items()}
+        sd = plain_state_dict(sd, self.trained, self.lora[1], self.lora[0])
+        if self.copy is None:
+            with torch.device("meta"):
+                self.copy = WanModel(self.trained.cfg)
+            self.copy.load_state_dict({k: v.to(self.device, self.dtype) for k, v in sd.items()}, assign=True)
+            self.copy.eval().requires_grad_(False)
+        else:
+            for name, p in self.copy.state_dict().items():
+                p.copy_(sd[name])
+        self.fresh = True
 
 
 @dataclass(frozen=True)
@@ -116,6 +176,8 @@ def window_rollout(
     draw: WindowDraw,
     schedule: FlowMatchSchedule,
     generator: torch.Generator,
+    *,
+    runner: ChunkRunner | None = None,
 ) -> Window:
     """Self-Forcing++'s training rollout (Algorithm 1, lines 2-5), without gradients.
 
@@ -126,17 +188,19 @@ def window_rollout(
     step down to the chunk's exit step over the same context. So the window keeps the rollout's content, and the
     teacher is asked to correct the student's own degraded states. noise_step 0 (sigma = 1) is pure noise: the
     fresh-noise start of Self-Forcing, which skips the first pass. `window_backward` replays the exit steps with
-    gradients."""
+    gradients. The context and the first pass, whose values no gradient replays, run through `runner` (the fast
+    path: `RolloutModel`); the window's passes through `model`, the module `window_backward` replays."""
     fpc, sigmas = chunk_shape[2], schedule.sigmas
     device = cache.k.device
     if not all(draw.noise_step <= e < len(sigmas) for e in draw.exit_steps):
         raise ValueError(f"exit steps {draw.exit_steps} must lie in [{draw.noise_step}, {len(sigmas)})")
     if draw.start:
-        student_rollout(model, cache, chunk_shape, draw.start, schedule, generator)
+        student_rollout(model, cache, chunk_shape, draw.start, schedule, generator, runner=runner)
     frames_done, snapshot = cache.frames_done, _snapshot(cache)
     s = draw.noise_step
     if s > 0:
-        clean = student_rollout(model, cache, chunk_shape, fpc * len(draw.exit_steps), schedule, generator)
+        frames = fpc * len(draw.exit_steps)
+        clean = student_rollout(model, cache, chunk_shape, frames, schedule, generator, runner=runner)
         _restore(cache, snapshot, frames_done)
     restart = replace(schedule, denoising_steps=schedule.denoising_steps[s:])  # steps s, s+1, ..., last
     chunks, out = [], []

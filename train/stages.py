@@ -32,6 +32,7 @@ from train.common import (
     EMA,
     Dist,
     Logger,
+    compute_dtype,
     full_state_dict,
     info,
     load_checkpoint,
@@ -44,6 +45,7 @@ from train.common import (
     write_json,
 )
 from train.config import DMDConfig, Recipe
+from train.lora import add_lora, plain_state_dict
 from train.metrics import smoothness_reward
 from train.world import render_batch, sample_spec
 
@@ -62,7 +64,7 @@ def world_codec(recipe: Recipe) -> PatchPCACodec:
 
 
 def data_seeds(step: int, rank: int, world_size: int, batch: int, salt: int) -> list[int]:
-    """Clip seeds for one step: disjoint across ranks, steps and stages, the same after a resume."""
+    """Clip seeds for one step: disjoint across (virtual) ranks, steps and stages, the same after a resume."""
     base = ((salt * 1_000_003 + step) * world_size + rank) * batch
     return [base + i for i in range(batch)]
 
@@ -90,6 +92,17 @@ class Stage:
     def __init__(self, recipe: Recipe, out: Path, env: Dist) -> None:
         self.recipe, self.out, self.env = recipe, Path(out), env
         self.dir = self.out / self.name
+        self.dtype = compute_dtype(recipe.dtype)
+        if recipe.accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {recipe.accumulate}")
+        # Gradient accumulation as virtual ranks: micro-batch k of rank r is virtual rank r * K + k of a world of
+        # world_size * K, with that rank's data and random stream. So K micro-batches on W processes compute what
+        # W * K processes would (the same samples, the same noise; the window draws are shared anyway), and 1 x 8,
+        # 2 x 4, 4 x 2 and 8 x 1 are one run. K = 1 is the plain data-parallel run.
+        self.accumulate = recipe.accumulate
+        self.vranks = [env.rank * self.accumulate + k for k in range(self.accumulate)]
+        self.vworld = env.world_size * self.accumulate
+        self.micro = 0  # the micro-batch being computed: picks its virtual rank's generator and data
         if recipe.wan:
             from train.wan import VAEFrames
 
@@ -101,7 +114,8 @@ class Stage:
         # every rank and draws everything that decides how many forward passes a step makes (window starts, exit
         # and restart steps): under FSDP each of those passes is a collective per block, so ranks that drew
         # differently would pair up wrong all-gathers and hang.
-        self.generator = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * env.rank)
+        seed = recipe.seed * 1000 + self.salt
+        self.generators = [torch.Generator().manual_seed(seed + 7919 * v) for v in self.vranks]
         self.shared = torch.Generator().manual_seed(recipe.seed * 1000 + self.salt + 7919 * SHARED_STREAM)
         self.draws: list[tuple] = []  # every shared draw made, compared across ranks at the end
         self.history: list[dict[str, float]] = []
@@ -109,6 +123,8 @@ class Stage:
         self.models: dict[str, nn.Module] = {}  # checkpointed, sharded
         self.optimizers: dict[str, torch.optim.Optimizer] = {}  # keyed like their model
         self.ema: EMA | None = None
+        self.rollouts: dict[str, R.RolloutModel] = {}  # trained model name -> its rollout copy
+        self.pool: dict[tuple, tuple[RingKVCache, R.ChunkRunner]] = {}  # reused caches and their chunk runners
         self.setup()
 
     # --- to implement
@@ -130,6 +146,47 @@ class Stage:
     def device(self) -> torch.device:
         return self.env.device
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The random stream of the current micro-batch's virtual rank."""
+        return self.generators[self.micro]
+
+    def micro_batches(self):
+        """Iterate over this rank's micro-batches (virtual ranks), the current one in `self.micro`."""
+        for k in range(self.accumulate):
+            self.micro = k
+            yield k
+        self.micro = 0
+
+    def mean_losses(self, losses: dict[str, float]) -> dict[str, float]:
+        """This rank's losses (each already a mean over its micro-batches) averaged over the ranks: the loss of the
+        whole batch, the same number on every rank and for every split of it into processes and micro-batches."""
+        if self.env.world_size == 1:
+            return losses
+        values = torch.tensor(list(losses.values()), dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        return {k: float(v) / self.env.world_size for k, v in zip(losses, values.tolist(), strict=True)}
+
+    def sharded(self, model: nn.Module, forward_methods: tuple[str, ...] = ()) -> nn.Module:
+        return shard(model, self.env, forward_methods, dtype=self.recipe.dtype)
+
+    def with_lora(self, model: WanModel) -> WanModel:
+        """The recipe's LoRA on a DMD/GRPO model (generator, critic, policy), or the model itself (rank 0)."""
+        return add_lora(model, self.recipe.lora_rank, self.recipe.lora_alpha) if self.recipe.lora_rank else model
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def plain(self, sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+        """A trained model's full state dict as a plain WanModel's (LoRA merged): what the stages write."""
+        return plain_state_dict(sd, model, self.recipe.lora_alpha, self.recipe.lora_rank)
+
+    def rollout_model(self, name: str) -> R.RolloutModel:
+        if name not in self.rollouts:
+            lora = (self.recipe.lora_rank, self.recipe.lora_alpha)
+            self.rollouts[name] = R.RolloutModel(self.models[name], self.dtype, self.device, lora)
+        return self.rollouts[name]
+
     def frozen_text(self) -> ByteTextEncoder:
         if self.recipe.wan:
             from train.wan import PromptTable
@@ -140,12 +197,13 @@ class Stage:
         return text.to(self.device).eval().requires_grad_(False)
 
     def frozen_teacher(self) -> WanModel:
+        """The real score, whole on every rank, in the compute dtype (nothing trains it: no master weights)."""
         if self.recipe.wan:
             from train import wan
 
-            return wan.teacher(self.recipe, self.device)
+            return wan.teacher(self.recipe, self.device).to(self.dtype)
         teacher = load_module(WanModel(self.recipe.model), self.out / "teacher" / "final" / "teacher.safetensors")
-        return teacher.to(self.device).eval().requires_grad_(False)
+        return teacher.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def trainable(self, model: WanModel) -> WanModel:
         model.checkpoint_blocks = self.recipe.checkpoint_blocks
@@ -158,11 +216,11 @@ class Stage:
 
     def prompts(self, step: int, batch: int, salt: int) -> list[str]:
         """This rank's prompts for a step: the world's (toy), or the prompt file's (Wan)."""
-        seeds = data_seeds(step, self.env.rank, self.env.world_size, batch, salt)
+        seeds = data_seeds(step, self.vranks[self.micro], self.vworld, batch, salt)
         return self.text.pick(seeds) if self.recipe.wan else world_prompts(seeds)
 
     def world_batch(self, step: int, batch: int, frames: int) -> tuple[Tensor, list[str]]:
-        seeds = data_seeds(step, self.env.rank, self.env.world_size, batch, self.salt)
+        seeds = data_seeds(step, self.vranks[self.micro], self.vworld, batch, self.salt)
         video, prompts = render_batch(seeds, frames, self.recipe.frame_size, start=int(seeds[0] % 97))
         return self.codec.encode(video).to(self.device), prompts
 
@@ -170,15 +228,29 @@ class Stage:
         h, w = self.recipe.latent_hw
         return (batch, self.recipe.model.in_channels, self.recipe.frames_per_chunk, h, w)
 
-    def new_cache(self, model: WanModel, batch: int, ctx: Tensor) -> RingKVCache:
-        h, w = self.recipe.latent_hw
-        tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
-        cache = RingKVCache(
-            model.cfg, batch_size=batch, frame_tokens=tokens, window=self.recipe.window, device=self.device
-        )
+    def new_cache(
+        self, model: WanModel, batch: int, ctx: Tensor, rollout: R.RolloutModel
+    ) -> tuple[RingKVCache, R.ChunkRunner]:
+        """A ring cache in the compute dtype holding the prompts' text K/V, and the chunk runner of `rollout`'s model
+        bound to it. Kept per batch size and reset for the next rollout, as the pipeline reuses a stream's
+        state: a runner's CUDA graphs are captured once per fill level, not once per rollout. Keyed by the rollout
+        model too: a runner is bound to its model."""
+        key = (rollout, batch)
+        if key not in self.pool:
+            h, w = self.recipe.latent_hw
+            tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
+            cache = RingKVCache(
+                model.cfg, batch_size=batch, frame_tokens=tokens, window=self.recipe.window, dtype=self.dtype,
+                device=self.device,
+            )  # fmt: skip
+            runner = R.ChunkRunner(rollout.get(), cache, self.schedule, cuda_graph=rollout.cuda_graph)
+            self.pool[key] = (cache, runner)
+        cache, runner = self.pool[key]
+        rollout.get()  # a stale copy is refreshed in place: the same module, the runner's graphs stay valid
+        cache.reset()
         with torch.no_grad():
             cache.set_text(model.text_kv(ctx))
-        return cache
+        return cache, runner
 
     def save(self, step: int) -> None:
         weights = {name: full_state_dict(m) for name, m in self.models.items()}
@@ -188,7 +260,7 @@ class Stage:
             "step": step,
             "history": self.history,
             "optimizers": {k: optimizer_state(self.models[k], o) for k, o in self.optimizers.items()},
-            "generators": _gather(self.generator.get_state(), self.env),
+            "generators": _gather([g.get_state() for g in self.generators], self.env),
             "shared": self.shared.get_state(),
             "draws": self.draws,
             "seconds": self.seconds,
@@ -213,7 +285,8 @@ class Stage:
             load_optimizer_state(self.models[name], optim, state["optimizers"][name])
         if self.ema is not None:
             self.ema.load_full(weights["ema"])
-        self.generator.set_state(state["generators"][self.env.rank])
+        for g, saved in zip(self.generators, state["generators"][self.env.rank], strict=True):
+            g.set_state(saved)
         self.shared.set_state(state["shared"])
         self.draws = state["draws"]
         self.history = state["history"]
@@ -322,32 +395,36 @@ class TeacherStage(Stage):
         cfg = self.recipe.teacher
         self.total_steps = cfg.steps
         torch.manual_seed(self.recipe.seed)
-        dit = shard(self.trainable(WanModel(self.recipe.model)), self.env)
-        text = shard(ByteTextEncoder(self.recipe.text).to(self.device), self.env)
+        dit = self.sharded(self.trainable(WanModel(self.recipe.model)))
+        text = self.sharded(ByteTextEncoder(self.recipe.text).to(self.device))
         self.models = {"teacher": dit, "text": text}
         self.optimizers = {"teacher": _adamw(dit.parameters(), cfg.lr), "text": _adamw(text.parameters(), cfg.lr)}
         self.ema = EMA(dit, cfg.ema_decay) if cfg.ema_decay else None
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.recipe.teacher
-        z, prompts = self.world_batch(step, cfg.batch_size, self.recipe.horizon)
-        drop = torch.rand(len(prompts), generator=self.generator) < cfg.cond_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
-        sigma = R.sample_sigma(len(prompts), self.generator, 0.0, 1.0, cfg.train_shift)
-        x_t, noise = R.noisy(z, sigma, self.generator)
-        flow = self.models["teacher"](x_t, (1000 * sigma).to(self.device), self.encode(self.models["text"], prompts))
-        loss = F.mse_loss(flow, noise - z)
         lr_scale = min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for optim in self.optimizers.values():
             for group in optim.param_groups:
                 group["lr"] = cfg.lr * lr_scale
             optim.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for _ in self.micro_batches():
+            z, prompts = self.world_batch(step, cfg.batch_size, self.recipe.horizon)
+            drop = torch.rand(len(prompts), generator=self.generator) < cfg.cond_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+            sigma = R.sample_sigma(len(prompts), self.generator, 0.0, 1.0, cfg.train_shift)
+            x_t, noise = R.noisy(z, sigma, self.generator)
+            ctx = self.encode(self.models["text"], prompts)
+            flow = self.models["teacher"](x_t, (1000 * sigma).to(self.device), ctx)
+            loss = F.mse_loss(flow, noise - z)
+            (loss / self.accumulate).backward()  # the gradient of the mean over the micro-batches
+            total += loss.item() / self.accumulate
         for name, optim in self.optimizers.items():
             _clip_and_step(self.models[name], optim, None)
         if self.ema is not None:  # a short memory while the weights move fast, then the configured decay
             self.ema.update(self.models["teacher"], min(cfg.ema_decay, (1 + step) / (10 + step)))
-        return {"loss": loss.item()}
+        return self.mean_losses({"loss": total})
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
         dit = self.ema.full_state_dict() if self.ema is not None else full_state_dict(self.models["teacher"])
@@ -367,25 +444,26 @@ class ODEStage(Stage):
             from train import wan
 
             self.total_steps = 0
-            self.models = {"student": shard(self.trainable(wan.student_init(self.recipe, self.device)), self.env)}
+            self.models = {"student": self.sharded(self.trainable(wan.student_init(self.recipe, self.device)))}
             self.optimizers = {}
             return
         teacher = self.frozen_teacher()
-        self.trajectories = self._trajectories(teacher)
+        self.trajectories = [self._trajectories(teacher) for _ in self.micro_batches()]
         student = WanModel(self.recipe.model)
-        student.load_state_dict(teacher.state_dict())  # the student starts as the teacher, made causal
-        self.models = {"student": shard(self.trainable(student), self.env)}
+        student.load_state_dict(teacher.state_dict())  # the student starts as the teacher, made causal (fp32 master)
+        self.models = {"student": self.sharded(self.trainable(student))}
         self.optimizers = {"student": _adamw(self.models["student"].parameters(), cfg.lr)}
 
     @torch.no_grad()
     def _trajectories(self, teacher: WanModel) -> dict:
-        """This rank's share of the trajectories, cached on disk (deterministic from the recipe)."""
-        cfg, env = self.recipe.ode, self.env
-        path = self.dir / f"trajectories_rank{env.rank}_of{env.world_size}.pt"
+        """The current micro-batch's virtual rank's share of the trajectories, cached on disk (deterministic from the
+        recipe)."""
+        cfg, rank, world = self.recipe.ode, self.vranks[self.micro], self.vworld
+        path = self.dir / f"trajectories_rank{rank}_of{world}_{self.recipe.dtype}.pt"
         if path.is_file():
             return torch.load(path, weights_only=False)
-        count = math.ceil(cfg.trajectories / env.world_size)
-        gen = torch.Generator().manual_seed(self.recipe.seed + 31 * env.rank)
+        count = math.ceil(cfg.trajectories / world)
+        gen = torch.Generator().manual_seed(self.recipe.seed + 31 * rank)
         states, targets, prompts = [], [], []
         batch = max(1, min(32, count))
         for i in range(0, count, batch):
@@ -396,7 +474,7 @@ class ODEStage(Stage):
             ctx, unc = self.encode(self.text, p), self.encode(self.text, [self.recipe.negative_prompt] * n)
             x0, xs = R.teacher_ode(
                 teacher, noise, ctx, unc, guidance=cfg.guidance, steps=cfg.euler_steps, shift=self.schedule.shift
-            )
+            )  # fp32 states and targets (the teacher's flow in its dtype)
             states.append(xs.cpu())
             targets.append(x0.cpu())
             prompts += p
@@ -411,8 +489,19 @@ class ODEStage(Stage):
         on that chunk alone (the chunks after it cannot reach it through the block-causal mask). Regressing every
         chunk with noisy chunks before it instead trains on a context the student never sees, and its videos jump
         at every chunk boundary (chunk seam 2.0 on the toy world)."""
+        self.optimizers["student"].zero_grad(set_to_none=True)
+        total = 0.0
+        for k in self.micro_batches():
+            loss = self.regression_loss(*self.regression_batch(self.trajectories[k]))
+            (loss / self.accumulate).backward()  # the gradient of the mean over the micro-batches
+            total += loss.item() / self.accumulate
+        _clip_and_step(self.models["student"], self.optimizers["student"], None)
+        return self.mean_losses({"loss": total})
+
+    def regression_batch(self, data: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One micro-batch of eq. 4 from a virtual rank's trajectories: x [B, C, F, h, w], sigma [B, F], the
+        context [B, Lt, text_dim], the clean targets and the mask of the chunk each sample learns [B, F]."""
         cfg, rc = self.recipe.ode, self.recipe
-        data = self.trajectories
         idx = torch.randint(len(data["prompts"]), (cfg.batch_size,), generator=self.generator)
         chunks = math.ceil(rc.horizon / rc.frames_per_chunk)
         target = torch.randint(chunks, (cfg.batch_size, 1), generator=self.generator)  # the chunk each sample learns
@@ -423,14 +512,15 @@ class ODEStage(Stage):
         sigma = torch.tensor(self.schedule.sigmas)[which][:, None] * noisy  # [B, F]: 0 on the clean context
         sigma, noisy, clean = sigma.to(self.device), noisy.to(self.device), clean.to(self.device)
         ctx = self.encode(self.text, [data["prompts"][i] for i in idx.tolist()])
+        return x, sigma, ctx, clean, noisy
+
+    def regression_loss(self, x: Tensor, sigma: Tensor, ctx: Tensor, clean: Tensor, noisy: Tensor) -> Tensor:
+        """The mean squared error of the learnt chunks' x0 (every sample has the same number of them)."""
+        rc = self.recipe
         flow = self.models["student"](x, 1000 * sigma, ctx, frames_per_chunk=rc.frames_per_chunk, window=rc.window)
         x0 = flow_to_x0(x, flow, sigma[:, None, :, None, None])
         weight = noisy[:, None, :, None, None].expand_as(x0)
-        loss = F.mse_loss(x0[weight], clean[weight])
-        self.optimizers["student"].zero_grad(set_to_none=True)
-        loss.backward()
-        _clip_and_step(self.models["student"], self.optimizers["student"], None)
-        return {"loss": loss.item()}
+        return F.mse_loss(x0[weight], clean[weight])
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
         return {"student": full_state_dict(self.models["student"])}
@@ -452,19 +542,39 @@ class DMDStage(Stage):
         self.total_steps = cfg.steps * cfg.critic_per_gen
         self.text = self.frozen_text()
         self.teacher = self.frozen_teacher()
-        generator = load_module(WanModel(self.recipe.model), self.out / "ode" / "final" / "student.safetensors")
+        self.self_forcing_init = bool(self.recipe.student_checkpoint)
+        if self.self_forcing_init:  # Self-Forcing's own student: `dmd` has nothing to train, `extended` starts there
+            from train import wan
+
+            generator = wan.student_init(self.recipe, torch.device("cpu"))
+            self.total_steps = 0 if self.name == "dmd" else self.total_steps
+        else:
+            generator = load_module(WanModel(self.recipe.model), self.out / "ode" / "final" / "student.safetensors")
         critic = WanModel(self.recipe.model)
-        critic.load_state_dict(self.teacher.state_dict())  # the fake score starts as the real one
+        # the fake score starts as the real one (in fp32 for its master weights: Wan's own, or the toy teacher's)
+        critic.load_state_dict(self.teacher_weights())
         self.models = {
-            "generator": shard(self.trainable(generator), self.env, ("forward_chunk", "text_kv")),
-            "critic": shard(self.trainable(critic), self.env),
+            "generator": self.sharded(self.with_lora(self.trainable(generator)), ("forward_chunk", "text_kv")),
+            "critic": self.sharded(self.with_lora(self.trainable(critic))),
         }
         betas = (0.0, 0.999)  # as in the paper
         self.optimizers = {
-            "generator": _adamw(self.models["generator"].parameters(), cfg.gen_lr, betas, cfg.weight_decay),
-            "critic": _adamw(self.models["critic"].parameters(), cfg.critic_lr, betas, cfg.weight_decay),
+            "generator": _adamw(
+                self.trainable_parameters(self.models["generator"]), cfg.gen_lr, betas, cfg.weight_decay
+            ),
+            "critic": _adamw(self.trainable_parameters(self.models["critic"]), cfg.critic_lr, betas, cfg.weight_decay),
         }
         self.ema = EMA(self.models["generator"], cfg.ema_decay)
+
+    def teacher_weights(self) -> dict[str, Tensor]:
+        if self.dtype == torch.float32:
+            return self.teacher.state_dict()
+        if self.recipe.wan:
+            from train import wan
+
+            return wan.teacher(self.recipe, torch.device("cpu")).state_dict()
+        path = self.out / "teacher" / "final" / "teacher.safetensors"
+        return load_module(WanModel(self.recipe.model), path).state_dict()
 
     def draw_window(self) -> R.WindowDraw:
         """The window's structure, from the shared generator (the same on every rank).
@@ -488,47 +598,64 @@ class DMDStage(Stage):
         self.draws.append((draw.start, draw.noise_step, draw.exit_steps))
         return draw
 
-    def rollout_window(self, prompts: list[str]) -> tuple[R.Window, RingKVCache, Tensor]:
-        """A window of the student's own rollout (no gradients), its cache and the prompts' context."""
+    def rollout_window(self, prompts: list[str], draw: R.WindowDraw) -> tuple[R.Window, RingKVCache, Tensor]:
+        """A window of the student's own rollout (no gradients), its cache and the prompts' context: the context
+        frames on the fast path (the rollout copy through the chunk runner), the window through the generator."""
         gen_model = self.models["generator"]
         ctx = self.encode(self.text, prompts)
-        cache = self.new_cache(gen_model, len(prompts), ctx)
+        cache, runner = self.new_cache(gen_model, len(prompts), ctx, self.rollout_model("generator"))
         shape = self.chunk_shape(len(prompts))
-        window = R.window_rollout(gen_model, cache, shape, self.draw_window(), self.schedule, self.generator)
+        window = R.window_rollout(gen_model, cache, shape, draw, self.schedule, self.generator, runner=runner)
         return window, cache, ctx
 
     def step(self, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        prompts = self.prompts(step, cfg.batch_size, 5)
-        uncond = self.encode(self.text, [self.recipe.negative_prompt] * len(prompts))
-        sigma = R.sample_sigma(len(prompts), self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
+        cfg, K = self.cfg, self.accumulate
+        batches = []  # per micro-batch: its prompts, the unconditional context, DMD's noise levels
+        for _ in self.micro_batches():
+            prompts = self.prompts(step, cfg.batch_size, 5)
+            uncond = self.encode(self.text, [self.recipe.negative_prompt] * len(prompts))
+            sigma = R.sample_sigma(len(prompts), self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
+            batches.append((prompts, uncond, sigma))
         losses = {}
         if step % cfg.critic_per_gen == 0:  # generator update
-            window, cache, ctx = self.rollout_window(prompts)
-            x0 = window.x0[:, :, : self.recipe.horizon].clone().requires_grad_()  # DMD's gradient w.r.t. the window
-            loss = R.dmd_loss(x0, self.teacher, self.models["critic"], ctx, uncond, sigma, self.generator, cfg.guidance)
-            loss.backward()
-            grad_x0 = F.pad(x0.grad, (0, 0, 0, 0, 0, window.x0.shape[2] - x0.shape[2]))  # frames past K: none
+            draw, total = self.draw_window(), 0.0  # one window for every micro-batch, as for every rank
             self.optimizers["generator"].zero_grad(set_to_none=True)
-            R.window_backward(self.models["generator"], cache, window, grad_x0, self.schedule)
+            for k in self.micro_batches():
+                prompts, uncond, sigma = batches[k]
+                window, cache, ctx = self.rollout_window(prompts, draw)
+                x0 = window.x0[:, :, : self.recipe.horizon].clone().requires_grad_()  # DMD's gradient w.r.t. it
+                loss = R.dmd_loss(
+                    x0, self.teacher, self.models["critic"], ctx, uncond, sigma, self.generator, cfg.guidance
+                )
+                (loss / K).backward()
+                grad_x0 = F.pad(x0.grad, (0, 0, 0, 0, 0, window.x0.shape[2] - x0.shape[2]))  # frames past K: none
+                R.window_backward(self.models["generator"], cache, window, grad_x0, self.schedule)
+                total += loss.item() / K
             losses["gen_grad_norm"] = _clip_and_step(
                 self.models["generator"], self.optimizers["generator"], cfg.max_grad_norm
             )
+            self.rollout_model("generator").stale()
             gen_step = step // cfg.critic_per_gen
             self.ema.update(self.models["generator"], 0.0 if gen_step < cfg.ema_start else None)
-            losses["dmd"] = loss.item()
-        window, _, ctx = self.rollout_window(prompts)
-        x0 = window.x0[:, :, : self.recipe.horizon]
-        sigma = R.sample_sigma(len(prompts), self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
-        loss = R.critic_loss(self.models["critic"], x0, ctx, sigma, self.generator)
+            losses["dmd"] = total
+        draw, total = self.draw_window(), 0.0
         self.optimizers["critic"].zero_grad(set_to_none=True)
-        loss.backward()
+        for k in self.micro_batches():
+            window, _, ctx = self.rollout_window(batches[k][0], draw)
+            x0 = window.x0[:, :, : self.recipe.horizon]
+            sigma = R.sample_sigma(x0.shape[0], self.generator, cfg.min_sigma, cfg.max_sigma, self.schedule.shift)
+            loss = R.critic_loss(self.models["critic"], x0, ctx, sigma, self.generator)
+            (loss / K).backward()
+            total += loss.item() / K
         _clip_and_step(self.models["critic"], self.optimizers["critic"], cfg.max_grad_norm)
-        losses["critic"] = loss.item()
-        return losses
+        losses["critic"] = total
+        return self.mean_losses(losses)
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
-        return {"generator": full_state_dict(self.models["generator"]), "ema": self.ema.full_state_dict()}
+        generator = full_state_dict(self.models["generator"])
+        ema = {**generator, **self.ema.full_state_dict()}  # with LoRA the EMA holds the adapters only
+        model = self.models["generator"]
+        return {"generator": self.plain(generator, model), "ema": self.plain(ema, model)}
 
 
 class ExtendedDMDStage(DMDStage):
@@ -549,46 +676,56 @@ class GRPOStage(Stage):
         self.total_steps = cfg.steps
         self.text = self.frozen_text()
         policy = load_module(WanModel(self.recipe.model), self.out / "extended" / "final" / "ema.safetensors")
-        self.models = {"policy": shard(self.trainable(policy), self.env, ("forward_chunk", "text_kv"))}
-        self.optimizers = {"policy": _adamw(self.models["policy"].parameters(), cfg.lr)}
+        self.models = {"policy": self.sharded(self.with_lora(self.trainable(policy)), ("forward_chunk", "text_kv"))}
+        self.optimizers = {"policy": _adamw(self.trainable_parameters(self.models["policy"]), cfg.lr)}
 
     def step(self, step: int) -> dict[str, float]:
-        cfg, policy = self.recipe.grpo, self.models["policy"]
-        prompts = self.prompts(step, cfg.prompts_per_step, 6)
-        prompts = [p for p in prompts for _ in range(cfg.group_size)]  # [P * G]
-        ctx = self.encode(self.text, prompts)
-        cache = self.new_cache(policy, len(prompts), ctx)
-        record = R.policy_rollout(
-            policy, cache, self.chunk_shape(len(prompts)), cfg.rollout_frames, self.schedule, self.generator
-        )
-        frames = self.codec.decode_frames(torch.cat([c["x0"] for c in record], 2)).cpu().numpy()
-        rewards = torch.tensor([smoothness_reward(f, cfg.flow_floor) for f in frames])
-        groups = rewards.view(-1, cfg.group_size)
-        advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
-        advantages = advantages.to(self.device)
+        cfg, policy, K = self.recipe.grpo, self.models["policy"], self.accumulate
+        rollout = self.rollout_model("policy")
+        groups = []  # per micro-batch: its context, recorded rollout, advantages (the replay restarts the ring)
+        reward = 0.0
+        for _ in self.micro_batches():
+            prompts = self.prompts(step, cfg.prompts_per_step, 6)
+            prompts = [p for p in prompts for _ in range(cfg.group_size)]  # [P * G]
+            ctx = self.encode(self.text, prompts)
+            cache, _ = self.new_cache(policy, len(prompts), ctx, rollout)  # one ring for every micro-batch
+            # The rollout copy on the torch path (kernels off): its log-probabilities are what the replay recomputes
+            # with gradients, so the first epoch's ratios are exactly 1.
+            record = R.policy_rollout(
+                rollout.get(kernels=False), cache, self.chunk_shape(len(prompts)), cfg.rollout_frames, self.schedule,
+                self.generator,
+            )  # fmt: skip
+            frames = self.codec.decode_frames(torch.cat([c["x0"] for c in record], 2)).cpu().numpy()
+            rewards = torch.tensor([smoothness_reward(f, cfg.flow_floor) for f in frames])
+            g = rewards.view(-1, cfg.group_size)
+            advantages = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).flatten().to(self.device)
+            groups.append((ctx, record, advantages))
+            reward += float(rewards.mean()) / K
         total = 0.0
         for _ in range(cfg.inner_epochs):
             self.optimizers["policy"].zero_grad(set_to_none=True)
-            cache.reset()
-            with torch.no_grad():
-                cache.set_text(policy.text_kv(ctx))
-            for c, chunk in enumerate(record):  # backward per chunk, before its context pass: no graph in the ring
-                R._gradient_sync(policy, c == len(record) - 1)
-                # Log-probabilities are sums over ~10^5 dimensions (eq. 7): a log-ratio can reach hundreds after one
-                # update. Beyond e^20 the ratio is held (no gradient) instead of overflowing to inf and NaN.
-                log_ratio = R.replay_logp(policy, cache, chunk, self.schedule) - chunk["logp"]  # [B, T-1]
-                ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
-                adv = advantages[:, None]
-                objective = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-                loss = -objective.mean() / len(record)
-                loss.backward()
-                R.replay_context(policy, cache, chunk, self.schedule)
-                total += loss.item()
+            for ctx, record, advantages in groups:
+                cache.reset()
+                with torch.no_grad():
+                    cache.set_text(policy.text_kv(ctx))
+                for c, chunk in enumerate(record):  # backward per chunk, before its context pass: no graph in the ring
+                    R._gradient_sync(policy, c == len(record) - 1)
+                    # Log-probabilities are sums over ~10^5 dimensions (eq. 7): a log-ratio can reach hundreds after
+                    # one update. Beyond e^20 the ratio is held (no gradient) instead of overflowing to inf and NaN.
+                    log_ratio = R.replay_logp(policy, cache, chunk, self.schedule) - chunk["logp"]  # [B, T-1]
+                    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+                    adv = advantages[:, None]
+                    objective = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+                    loss = -objective.mean() / len(record) / K
+                    loss.backward()
+                    R.replay_context(policy, cache, chunk, self.schedule)
+                    total += loss.item()
             _clip_and_step(policy, self.optimizers["policy"], cfg.max_grad_norm)
-        return {"reward": float(rewards.mean()), "loss": total / cfg.inner_epochs}
+            rollout.stale()
+        return self.mean_losses({"reward": reward, "loss": total / cfg.inner_epochs})
 
     def outputs(self) -> dict[str, dict[str, Tensor]]:
-        return {"policy": full_state_dict(self.models["policy"])}
+        return {"policy": self.plain(full_state_dict(self.models["policy"]), self.models["policy"])}
 
 
 STAGE_CLASSES = {
@@ -603,11 +740,12 @@ STAGE_CLASSES = {
 def run_stage(name: str, recipe: Recipe, out: Path, env: Dist, stop_after: int | None = None) -> list[dict]:
     if name not in STAGE_CLASSES:
         raise ValueError(f"unknown stage {name!r}; choose from {list(STAGE_CLASSES)}")
-    if recipe.wan and name == "teacher":  # the teacher is Wan2.1 itself: this stage only encodes the prompts
+    if recipe.wan:  # the teacher is Wan2.1 itself: its stage only encodes the prompts, once, for every later stage
         from train import wan
 
         wan.prepare(recipe, Path(out), env)
-        return []
+        if name == "teacher":
+            return []
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     return STAGE_CLASSES[name](recipe, out, env).run(stop_after=stop_after)

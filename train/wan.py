@@ -48,11 +48,39 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def prompts_key(recipe) -> dict:
+    """What the cached embeddings depend on: the prompts, the negative prompt, the text encoder's files."""
+    import hashlib
+
+    directory = _require(recipe)
+    rel = [p.relative_to(directory) for p in directory.rglob("*") if p.is_file()]
+    # Wan's layout: models_t5_*.pth and google/umt5-xxl/; diffusers': text_encoder/ and tokenizer/. Lists, not
+    # tuples: the key is compared with its JSON copy.
+    encoder = sorted(
+        [str(r), (directory / r).stat().st_size]
+        for r in rel
+        if "t5" in str(r).lower() or r.parts[0] in ("text_encoder", "tokenizer")
+    )
+    text = "\n".join(read_prompts(recipe.prompt_file))
+    return {
+        "prompts_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "negative_prompt": recipe.negative_prompt,
+        "text_encoder_files": encoder,
+    }
+
+
 def prepare(recipe, out: Path, env: Dist) -> None:
     """Encode the prompt file and the unconditional prompt with umT5, once, into <out>/teacher/final/."""
     _require(recipe)
     final = out / "teacher" / "final"
+    key = prompts_key(recipe)
     if (final / "DONE").is_file():
+        cached = json.loads((final / "prompts_key.json").read_text()) if (final / "prompts_key.json").is_file() else {}
+        if cached != key:  # (a run directory from before the key was written has none: it cannot say, re-encode)
+            raise ValueError(
+                f"{final} holds the embeddings of other prompts (or another text encoder / negative prompt): "
+                "use another --out for another prompt file"
+            )
         info(env, f"[teacher] prompt embeddings already in {final}")
         return
     if env.is_main:
@@ -69,6 +97,10 @@ def prepare(recipe, out: Path, env: Dist) -> None:
         final.mkdir(parents=True, exist_ok=True)
         save_file({"prompts": embeddings.to(torch.bfloat16), "uncond": uncond.to(torch.bfloat16)}, str(final / PROMPTS))
         (final / "prompts.json").write_text(json.dumps(prompts, indent=0) + "\n")
+        (final / "prompts_key.json").write_text(json.dumps(key) + "\n")
+        del text_encoder  # not resident while training: every later stage reads the embeddings
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
         (final / "DONE").write_text("ok\n")
         info(env, f"[teacher] {len(prompts)} prompts encoded -> {final / PROMPTS}")
     if env.world_size > 1:
@@ -98,6 +130,7 @@ class PromptTable:
 
 
 def teacher(recipe, device: torch.device) -> WanModel:
+    """The Wan2.1 DiT of wan_dir, fp32 (the stage casts it to its compute dtype; the critic starts from it)."""
     model, _, _ = _load(recipe, dit=True)
     if model.cfg != recipe.model:
         raise ValueError(f"{recipe.wan_dir} holds a DiT {model.cfg}, the recipe expects {recipe.model}")

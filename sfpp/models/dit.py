@@ -267,7 +267,9 @@ class WanModel(nn.Module):
         self.head = Head(cfg)
         self._rope: tuple[Tensor, Tensor] | None = None  # fp32 cos/sin tables, built on first use per device
         self.kernels: str | None = None  # `use_kernels`: the sfpp.engine.ops backend of forward_chunk's self-attention
-        self.checkpoint_blocks = False  # training: activation checkpointing per block (forwards with gradients)
+        # Training: activation checkpointing of every k-th block in forwards with gradients (0 or False: none, 1 or
+        # True: every block), keeping only those blocks' inputs and recomputing them in the backward.
+        self.checkpoint_blocks: int = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -347,8 +349,9 @@ class WanModel(nn.Module):
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
         e, e0 = self.time_modulation(t)
         rope = self.rope(frame_pos, h, w)
+        every = int(self.checkpoint_blocks)
         for i, block in enumerate(self.blocks):
-            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
+            if every and i % every == 0 and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
                 tokens = checkpoint(block, tokens, e0, rope, text_kv[i], attend(i), kernels, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)

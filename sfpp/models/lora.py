@@ -28,6 +28,12 @@ def read_lora(path: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
         raise CheckpointError(
             f"{path} holds no LoRA weights (expected lora_A/lora_B tensors or a {LORA_ENTRY!r} entry)"
         )
+    return lora_parts(sd, source=str(path))
+
+
+def lora_parts(sd: dict[str, Tensor], *, source: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """{module name: (A, B)} of peft LoRA entries (`<module>.lora_A[.<adapter>].weight`); every entry must be one."""
+    path = source
     parts: dict[str, dict[str, Tensor]] = {}
     for key, value in sd.items():
         if not isinstance(value, Tensor):
