@@ -16,6 +16,7 @@ import torch
 from sfpp import __version__
 from sfpp.cli import generate, serve
 from sfpp.cli.options import Parser
+from sfpp.engine.parallel import ContextParallelError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "memory":
                 return memory_table(args)
             return bench(argv[1:])
-    except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError, ContextParallelError) as exc:
         print(f"sfpp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

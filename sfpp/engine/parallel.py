@@ -64,6 +64,12 @@ def init(device: torch.device | str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
+def shutdown() -> None:
+    """End the default process group where one was started (the end of a torchrun job)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank_device(device: torch.device | str) -> torch.device:
     """A rank's device: a bare "cuda" becomes cuda:LOCAL_RANK (one GPU per process); others stay as given."""
     device = torch.device(device)
