@@ -60,7 +60,8 @@ def init(device: torch.device | str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {}
     if device.type == "cuda":
-        kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        kwargs["device_id"] = rank_device(device)
+        torch.cuda.set_device(kwargs["device_id"])
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
@@ -125,6 +126,8 @@ class ContextParallel:
     # --- collectives (torch's functional collectives; every rank calls each one in the same order)
 
     def _wait(self, what: str, fn: Callable[[], Tensor]) -> Tensor:
+        if torch.compiler.is_compiling():  # traced into the graph: errors surface where the graph runs
+            return funcol.wait_tensor(fn())
         try:
             return funcol.wait_tensor(fn())
         except Exception as exc:  # gloo/NCCL errors and timeouts: name what failed, on every surviving rank
@@ -148,7 +151,7 @@ class ContextParallel:
         """Rank 0's `value` on every rank (a seed drawn on rank 0)."""
         t = torch.tensor([value], dtype=torch.long)
         if dist.get_backend(self.group) == "nccl":
-            t = t.cuda()
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
         try:
             dist.broadcast(t, dist.get_global_rank(self.group, 0), group=self.group)
         except Exception as exc:

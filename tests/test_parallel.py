@@ -1,0 +1,218 @@
+"""Context parallel (Ulysses) on CPU over gloo: a stream split over processes equals the stream on one process.
+
+One spawn of 2 processes runs every split scenario (sinks, ring wrap, a re-base past the RoPE table, a prompt switch
+with KV re-cache, batch 2; an fp8 KV cache through the kernels' torch backend; a continuation from given frames
+through `from_pretrained(..., parallel="ulysses")`; a seed drawn on rank 0; per-rank cache memory; bad degrees), then
+rank 1 dies and rank 0 must get a clear error, not a hang. The test process computes the same streams on one
+process and compares. Tolerance: 1e-5 absolute on fp32 latents of magnitude ~1 (float rounding; on this CPU the
+split is bitwise equal: each rank's per-token matmuls and per-head attention are the same sums in the same order).
+"""
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TEST_CONFIG, randomize_
+
+import sfpp
+from sfpp.engine.cache import RingKVCache
+from sfpp.engine.parallel import ContextParallel, ContextParallelError
+from sfpp.models.dit import WanModel
+from sfpp.models.text import ByteTextEncoder, ByteTextEncoderConfig
+from sfpp.pipeline import Pipeline, StreamSettings
+from sfpp.video import LatentPreviewDecoder
+
+# 4 heads (N = 2 or 4), a RoPE table of 16 latent frames: 12 chunks of 2 re-base once and wrap the ring of
+# 1 sink + 5 window frames three times.
+CFG = dataclasses.replace(TEST_CONFIG, num_heads=4, rope_max_positions=16)
+SETTINGS = StreamSettings(frames_per_chunk=2, window=5, sink=1, height=32, width=64, fps=8)  # 2x4 = 8 tokens/frame
+NUM_FRAMES = 90  # 23 latent frames: 12 chunks
+PROMPTS = ["red", "cubes"]  # batch 2
+SWITCH = [(5.0, "sky")]  # at 40 frames: a prompt switch with KV re-cache
+SHIPPED = Path(sfpp.__file__).parent / "assets" / "default"
+TOLERANCE = 1e-5
+DEAD_RANK_TIMEOUT_S = 20
+
+
+def tiny_pipe(**options) -> Pipeline:
+    torch.manual_seed(0)
+    model = randomize_(WanModel(CFG), scale=0.1).eval()
+    text = ByteTextEncoder(ByteTextEncoderConfig(text_dim=CFG.text_dim, text_len=CFG.text_len))
+    return Pipeline(model, text, LatentPreviewDecoder(16), settings=SETTINGS, **options)
+
+
+def stream(pipe: Pipeline, **kwargs):
+    out = pipe(PROMPTS, num_frames=NUM_FRAMES, seed=3, progress=False, schedule=SWITCH, **kwargs)
+    return out.latents, out.frames
+
+
+def continuation(pipe: Pipeline):
+    clip = (torch.arange(9 * 32 * 32 * 3) % 251).to(torch.uint8).view(9, 32, 32, 3)
+    out = pipe("a red circle", num_frames=16, video=clip, seed=1, progress=False)
+    return out.latents, out.frames
+
+
+def self_attention_kv_bytes(pipe: Pipeline) -> int:
+    cache = pipe._states._free[-1].cache  # the finished stream's cache, pooled
+    kv = [cache.k, cache.v] + ([cache.k_scale, cache.v_scale] if cache.fp8 else [])
+    return sum(x.untyped_storage().nbytes() for x in kv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    timeout = datetime.timedelta(seconds=DEAD_RANK_TIMEOUT_S)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    torch.set_num_threads(1)
+    cp = ContextParallel.create()
+    res = {"repr": repr(cp)}
+    pipe = tiny_pipe().set_parallel(cp)
+    res["stream"] = stream(pipe)
+    res["kv_bytes"] = self_attention_kv_bytes(pipe)
+    res["seedless"] = pipe("red", num_frames=8, progress=False).latents  # rank 0's seed on every rank
+    fp8 = tiny_pipe(kv_dtype=torch.float8_e4m3fn).set_parallel(cp)
+    fp8.transformer.use_kernels("torch")  # split: torch norm/RoPE + cache.write, then the ring-attention op
+    res["fp8"] = stream(fp8)
+    res["fp8_kv_bytes"] = self_attention_kv_bytes(fp8)
+    shipped = Pipeline.from_pretrained(SHIPPED, parallel="ulysses")  # the API under torchrun's environment
+    res["continuation"] = continuation(shipped)
+    errors = []
+    try:
+        WanModel(TEST_CONFIG).set_parallel(cp)  # 3 heads over 2 ranks
+    except ValueError as exc:
+        errors.append(str(exc))
+    try:
+        pipe("red", num_frames=8, height=48, width=48, seed=0, progress=False)  # 3x3 = 9 tokens per frame
+    except ValueError as exc:
+        errors.append(str(exc))
+    res["errors"] = errors
+    if rank == 1:  # dies without a word; rank 0 must notice within the group's timeout
+        torch.save(res, f"{out}/rank{rank}.pt")
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        stream(pipe)
+        res["dead"] = None
+    except ContextParallelError as exc:
+        res["dead"] = (str(exc), time.monotonic() - start)
+    torch.save(res, f"{out}/rank{rank}.pt")
+    os._exit(0)  # the group has a dead member: no orderly shutdown
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_split_stream_equals_one_process(split):
+    """Sinks, ring wrap, a re-base, a prompt switch with re-cache, batch 2: the same latents and frames on every rank
+    as on one process."""
+    latents, frames = stream(tiny_pipe())
+    assert latents.shape[2] > CFG.rope_max_positions  # the stream went past the RoPE table
+    for rank in split:
+        assert max_diff(rank["stream"][0], latents) <= TOLERANCE
+        assert torch.equal(rank["stream"][1], frames)
+    assert torch.equal(split[0]["stream"][0], split[1]["stream"][0])  # every rank holds the whole video
+
+
+def test_split_fp8_cache_and_kernels_equal_one_process(split):
+    pipe = tiny_pipe(kv_dtype=torch.float8_e4m3fn)
+    pipe.transformer.use_kernels("torch")
+    latents, frames = stream(pipe)
+    for rank in split:
+        assert max_diff(rank["fp8"][0], latents) <= TOLERANCE
+        assert torch.equal(rank["fp8"][1], frames)
+
+
+@pytest.mark.skipif(not (SHIPPED / "sfpp_pipeline.json").is_file(), reason="the shipped toy model is not here")
+def test_split_continuation_through_from_pretrained(split):
+    latents, frames = continuation(Pipeline.from_pretrained(SHIPPED))
+    for rank in split:
+        assert max_diff(rank["continuation"][0], latents) <= TOLERANCE
+        assert torch.equal(rank["continuation"][1], frames)
+
+
+def test_per_rank_cache_memory_is_one_over_n(split):
+    for key, options in (("kv_bytes", {}), ("fp8_kv_bytes", {"kv_dtype": torch.float8_e4m3fn})):
+        pipe = tiny_pipe(**options)
+        stream(pipe)
+        assert split[0][key] * 2 == self_attention_kv_bytes(pipe), key
+        assert split[1][key] == split[0][key]
+
+
+def test_a_seed_left_out_is_rank_zeros(split):
+    assert torch.equal(split[0]["seedless"], split[1]["seedless"])
+
+
+def test_bad_degrees_are_clear_errors(split):
+    heads, tokens = split[0]["errors"]
+    assert "3 heads" in heads and "divisible by 2" in heads
+    assert "9 tokens" in tokens and "multiple of 2" in tokens
+
+
+def test_a_dead_rank_is_an_error_not_a_hang(split):
+    assert split[0]["repr"] == "ContextParallel(ulysses, rank 0 of 2)"
+    message, seconds = split[0]["dead"]
+    assert "rank 0 of 2" in message and "failed" in message
+    assert seconds < DEAD_RANK_TIMEOUT_S + 10
+
+
+# ----------------------------------------------------------------------------------------------- one process
+
+
+def test_parallel_needs_a_launcher_and_a_known_scheme(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        Pipeline.from_config("tiny", parallel="ulysses")
+    with pytest.raises(ValueError, match="parallel must be"):
+        Pipeline.from_config("tiny", parallel="ring")
+
+
+def test_cache_heads_must_match_the_model(cfg, model):
+    with pytest.raises(ValueError, match="heads must divide"):
+        RingKVCache(cfg, batch_size=1, frame_tokens=4, heads=2)
+    cache = RingKVCache(cfg, batch_size=1, frame_tokens=4, heads=1)  # a rank's share of 3 ranks, on one device
+    with pytest.raises(ValueError, match="holds 1 heads"):
+        model.forward_chunk(torch.zeros(1, 16, 1, 4, 4), torch.zeros(1), cache)
+
+
+def test_torchrun_generate_writes_the_single_process_video(tmp_path):
+    """The README's command: torchrun with 2 processes gives the one-process mp4 byte for byte."""
+    if not (SHIPPED / "sfpp_pipeline.json").is_file():
+        pytest.skip("the shipped toy model is not here")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("no torchrun beside this python")
+    args = ["-m", "sfpp", "generate", "-p", "a red circle", "-n", "24", "--quiet", "--then", "1s", "a blue square"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, *args, "-o", str(tmp_path / "one.mp4")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", *args, "-o",
+                          str(tmp_path / "two.mp4")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 ranks (ulysses)" in two.stdout and two.stdout.count("wrote") == 1  # rank 0 alone writes
+    assert (tmp_path / "one.mp4").read_bytes() == (tmp_path / "two.mp4").read_bytes()
