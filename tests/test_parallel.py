@@ -52,6 +52,12 @@ def stream(pipe: Pipeline, **kwargs):
     return out.latents, out.frames
 
 
+def short(pipe: Pipeline):
+    """Four chunks of batch 2 with a switch: wraps the ring of 1 + 5 frames."""
+    out = pipe(PROMPTS, num_frames=29, seed=5, progress=False, schedule=[(2.0, "sky")])
+    return out.latents, out.frames
+
+
 def continuation(pipe: Pipeline):
     clip = (torch.arange(9 * 32 * 32 * 3) % 251).to(torch.uint8).view(9, 32, 32, 3)
     out = pipe("a red circle", num_frames=16, video=clip, seed=1, progress=False)
@@ -89,6 +95,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     fp8.transformer.use_kernels("torch")  # split: torch norm/RoPE + cache.write, then the ring-attention op
     res["fp8"] = stream(fp8)
     res["fp8_kv_bytes"] = self_attention_kv_bytes(fp8)
+    res["heads40"] = short(Pipeline.from_config("tiny-14b", settings=SETTINGS, parallel="ulysses"))
     shipped = Pipeline.from_pretrained(SHIPPED, parallel="ulysses")  # the API under torchrun's environment
     res["continuation"] = continuation(shipped)
     errors = []
@@ -143,6 +150,14 @@ def test_split_fp8_cache_and_kernels_equal_one_process(split):
     for rank in split:
         assert max_diff(rank["fp8"][0], latents) <= TOLERANCE
         assert torch.equal(rank["fp8"][1], frames)
+
+
+def test_split_14b_head_layout_equals_one_process(split):
+    """40 heads (Wan2.1-14B's layout, at a tiny width) over 2 ranks, built by from_config(parallel=)."""
+    latents, frames = short(Pipeline.from_config("tiny-14b", settings=SETTINGS))
+    for rank in split:
+        assert max_diff(rank["heads40"][0], latents) <= TOLERANCE
+        assert torch.equal(rank["heads40"][1], frames)
 
 
 @pytest.mark.skipif(not (SHIPPED / "sfpp_pipeline.json").is_file(), reason="the shipped toy model is not here")

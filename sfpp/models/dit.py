@@ -77,6 +77,8 @@ CONFIGS: dict[str, WanConfig] = {
     # Small sizes for CPU work and tests; same structure, Wan's parameter names.
     "small": WanConfig(dim=256, ffn_dim=768, num_heads=4, num_layers=4, text_dim=256, text_len=64),
     "tiny": WanConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32, text_len=16),
+    # 14B's head layout (40 heads: context parallel over 2, 4, 5, 8 ranks) at a tiny width (head_dim 8), for CPU.
+    "tiny-14b": WanConfig(dim=320, ffn_dim=128, num_heads=40, num_layers=2, text_dim=32, text_len=16),
 }
 
 
