@@ -231,3 +231,18 @@ def test_torchrun_generate_writes_the_single_process_video(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "on 2 ranks (ulysses)" in two.stdout and two.stdout.count("wrote") == 1  # rank 0 alone writes
     assert (tmp_path / "one.mp4").read_bytes() == (tmp_path / "two.mp4").read_bytes()
+
+
+@pytest.mark.parametrize("config,n,kv_dtype", [("wan2.1-1.3b", 4, torch.float8_e4m3fn), ("wan2.1-14b", 8, None)])
+def test_memory_plan_of_a_rank_is_its_cache(config, n, kv_dtype):
+    """The memory model of one rank (`memory_plan(parallel=N)`) holds the ring cache a rank builds: H/N heads."""
+    from sfpp.models.dit import get_config
+    from sfpp.pipeline.memory import memory_plan
+
+    cfg = get_config(config)
+    plan = memory_plan(cfg, window=21, kv_dtype=kv_dtype, parallel=n)
+    kv = {} if kv_dtype is None else {"kv_dtype": kv_dtype}
+    cache = RingKVCache(cfg, batch_size=1, frame_tokens=30 * 52, window=21, dtype=torch.bfloat16, device="meta",
+                        heads=cfg.num_heads // n, **kv)  # fmt: skip
+    assert plan.kv_cache == pytest.approx(cache.nbytes, rel=1e-3)
+    assert plan.kv_cache < memory_plan(cfg, window=21, kv_dtype=kv_dtype).kv_cache / (n - 1)

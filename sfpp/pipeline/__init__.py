@@ -475,6 +475,7 @@ class Pipeline:
             decoder_frames_per_call=getattr(dec, "frames_per_call", None),
             spatial_factor=dec.spatial_factor,
             text_encoder_bytes=self._text_encoder_device_bytes(),
+            parallel=1 if self.parallel is None else self.parallel.size,
         )
 
     def _text_encoder_device_bytes(self) -> int:
