@@ -228,6 +228,28 @@ def test_cache_heads_must_match_the_model(cfg, model):
         model.forward_chunk(torch.zeros(1, 16, 1, 4, 4), torch.zeros(1), cache)
 
 
+def _worker4(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    pipe = Pipeline.from_config("tiny-14b", settings=SETTINGS, parallel="ulysses")  # starts the group itself
+    res = {"heads40": short(pipe), "kv_bytes": self_attention_kv_bytes(pipe), "size": pipe.parallel.size}
+    torch.save(res, f"{out}/rank{rank}.pt")
+    pipe.parallel and torch.distributed.destroy_process_group()
+
+
+def test_four_ranks_split_14b_heads_like_one_process(tmp_path):
+    """40 heads over 4 ranks: the same video, a quarter of the self-attention K/V per rank."""
+    torch.multiprocessing.spawn(_worker4, args=(4, free_port(), str(tmp_path)), nprocs=4)
+    one = Pipeline.from_config("tiny-14b", settings=SETTINGS)
+    latents, frames = short(one)
+    for rank in range(4):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        assert res["size"] == 4
+        assert max_diff(res["heads40"][0], latents) <= TOLERANCE
+        assert torch.equal(res["heads40"][1], frames)
+        assert res["kv_bytes"] * 4 == self_attention_kv_bytes(one)
+
+
 def test_torchrun_generate_writes_the_single_process_video(tmp_path):
     """The README's command: torchrun with 2 processes gives the one-process mp4 byte for byte."""
     if not (SHIPPED / "sfpp_pipeline.json").is_file():
@@ -237,6 +259,8 @@ def test_torchrun_generate_writes_the_single_process_video(tmp_path):
         pytest.skip("no torchrun beside this python")
     args = ["-m", "sfpp", "generate", "-p", "a red circle", "-n", "24", "--quiet", "--then", "1s", "a blue square"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Both in fresh processes: PyAV's x264 writes other bytes for the same frames once a process has encoded before
+    # (the first encode of a process is the same file every time, the later ones vary).
     one = subprocess.run([sys.executable, *args, "-o", str(tmp_path / "one.mp4")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert one.returncode == 0, one.stderr
