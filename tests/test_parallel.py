@@ -10,6 +10,8 @@ split is bitwise equal: each rank's per-token matmuls and per-head attention are
 
 import dataclasses
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -250,26 +252,37 @@ def test_four_ranks_split_14b_heads_like_one_process(tmp_path):
         assert res["kv_bytes"] * 4 == self_attention_kv_bytes(one)
 
 
-def test_torchrun_generate_writes_the_single_process_video(tmp_path):
-    """The README's command: torchrun with 2 processes gives the one-process mp4 byte for byte."""
+def test_the_readme_commands_under_torchrun_write_the_single_process_video(tmp_path):
+    """The README's two commands, torchrun generate and the API script under torchrun, each with 2 processes, write
+    the one-process mp4 byte for byte (a prompt switch included)."""
     if not (SHIPPED / "sfpp_pipeline.json").is_file():
         pytest.skip("the shipped toy model is not here")
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.is_file():
         pytest.skip("no torchrun beside this python")
-    args = ["-m", "sfpp", "generate", "-p", "a red circle", "-n", "24", "--quiet", "--then", "1s", "a blue square"]
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("torchrun --standalone"))
+    script = re.search(r"```python\n(# gen\.py.*?)```", readme, re.S).group(1)
+    (tmp_path / "gen.py").write_text(script)
+    args = shlex.split(command)[4:]  # -m sfpp generate ... -o out.mp4
+    assert args[:3] == ["-m", "sfpp", "generate"] and args[-2:] == ["-o", "out.mp4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # Both in fresh processes: PyAV's x264 writes other bytes for the same frames once a process has encoded before
-    # (the first encode of a process is the same file every time, the later ones vary).
-    one = subprocess.run([sys.executable, *args, "-o", str(tmp_path / "one.mp4")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", *args, "-o",
-                          str(tmp_path / "two.mp4")], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=180)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "on 2 ranks (ulysses)" in two.stdout and two.stdout.count("wrote") == 1  # rank 0 alone writes
-    assert (tmp_path / "one.mp4").read_bytes() == (tmp_path / "two.mp4").read_bytes()
+
+    def run(argv: list[str], folder: Path) -> subprocess.CompletedProcess:
+        folder.mkdir()
+        done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    # Each in a fresh process: PyAV's x264 writes other bytes for the same frames once a process has encoded before
+    # (the first encode of a process is the same file every time).
+    run([sys.executable, *args, "--quiet"], tmp_path / "one")
+    cli = run([str(torchrun), "--standalone", "--nproc_per_node", "2", *args, "--quiet"], tmp_path / "cli")
+    assert "on 2 ranks (ulysses)" in cli.stdout and cli.stdout.count("wrote") == 1  # rank 0 alone writes
+    run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "gen.py")], tmp_path / "api")
+    one = (tmp_path / "one" / "out.mp4").read_bytes()
+    assert (tmp_path / "cli" / "out.mp4").read_bytes() == one
+    assert (tmp_path / "api" / "out.mp4").read_bytes() == one
 
 
 @pytest.mark.parametrize("config,n,kv_dtype", [("wan2.1-1.3b", 4, torch.float8_e4m3fn), ("wan2.1-14b", 8, None)])

@@ -644,7 +644,7 @@ class Pipeline:
                 recache=recache,
                 video=video,
                 include_video=include_video,
-                progress=progress,
+                progress=progress and self.is_writer,  # split over ranks: one progress bar, rank 0's
                 return_latents=return_latents,
                 noise=noise,
             )
