@@ -41,6 +41,7 @@ SWITCH = [(5.0, "sky")]  # at 40 frames: a prompt switch with KV re-cache
 SHIPPED = Path(sfpp.__file__).parent / "assets" / "default"
 TOLERANCE = 1e-5
 DEAD_RANK_TIMEOUT_S = 20
+STUCK_TIMEOUT_S = 3
 
 
 def tiny_pipe(**options) -> Pipeline:
@@ -118,15 +119,20 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     except ValueError as exc:
         errors.append(str(exc))
     res["errors"] = errors
-    if rank == 1:  # dies without a word; rank 0 must notice within the group's timeout
+    # Rank 1 stops answering (a stuck rank), then dies; rank 0 must get an error each time, never hang: from a
+    # group with a short timeout while rank 1 is silent, then from the whole job's group once rank 1 is gone.
+    short_timeout = dist.new_group(timeout=datetime.timedelta(seconds=STUCK_TIMEOUT_S))
+    if rank == 1:
         torch.save(res, f"{out}/rank{rank}.pt")
-        os._exit(0)
-    start = time.monotonic()
-    try:
-        stream(pipe)
-        res["dead"] = None
-    except ContextParallelError as exc:
-        res["dead"] = (str(exc), time.monotonic() - start)
+        time.sleep(STUCK_TIMEOUT_S + 2)
+        os._exit(0)  # dies without a word
+    for key, group in (("stuck", short_timeout), ("dead", None)):
+        start = time.monotonic()
+        try:
+            stream(tiny_pipe().set_parallel(ContextParallel(group)))
+            res[key] = None
+        except ContextParallelError as exc:
+            res[key] = (str(exc), time.monotonic() - start)
     torch.save(res, f"{out}/rank{rank}.pt")
     os._exit(0)  # the group has a dead member: no orderly shutdown
 
@@ -203,11 +209,14 @@ def test_bad_degrees_are_clear_errors(split):
     assert "9 tokens" in tokens and "multiple of 2" in tokens
 
 
-def test_a_dead_rank_is_an_error_not_a_hang(split):
+def test_a_stuck_or_dead_rank_is_an_error_not_a_hang(split):
     assert split[0]["repr"] == "ContextParallel(ulysses, rank 0 of 2)"
-    message, seconds = split[0]["dead"]
+    message, seconds = split[0]["stuck"]  # rank 1 alive and silent: the group's timeout
+    assert "rank 0 of 2" in message and "failed" in message and "timeout" in message.lower()
+    assert STUCK_TIMEOUT_S - 0.5 < seconds < STUCK_TIMEOUT_S + 10
+    message, seconds = split[0]["dead"]  # rank 1 gone: as soon as its connection closes
     assert "rank 0 of 2" in message and "failed" in message
-    assert seconds < DEAD_RANK_TIMEOUT_S + 10
+    assert seconds < DEAD_RANK_TIMEOUT_S
 
 
 # ----------------------------------------------------------------------------------------------- one process
