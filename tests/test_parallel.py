@@ -343,3 +343,17 @@ def test_split_on_two_gpus_with_cuda_graphs_equals_one_gpu(tmp_path):
         res = torch.load(tmp_path / f"gpu{rank}.pt")
         assert res["replays"] > 0  # chunks replayed from graphs holding the collectives
         assert max_diff(res["split"], one) <= 1e-3  # fp32; GPU kernels may pick other tilings per token count
+
+
+def test_sfpp_memory_shows_one_rank(capsys):
+    from sfpp.cli import main
+
+    def kv_column(argv: list[str]) -> float:
+        assert main(["memory", "--config", "wan2.1-14b", *argv]) == 0
+        full = capsys.readouterr().out.splitlines()[2]  # the "full" row
+        return float(full.split("|")[3])
+
+    whole, quarter = kv_column([]), kv_column(["--ranks", "4"])
+    assert quarter < whole / 3  # the self-attention K/V is a quarter; the text K/V stays whole
+    assert main(["memory", "--ranks", "8"]) == 2  # 8 does not divide 1.3B's 12 heads
+    assert "--ranks must divide the 12 heads" in capsys.readouterr().err

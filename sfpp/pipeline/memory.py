@@ -256,7 +256,8 @@ MODES = {
 }  # fmt: skip
 
 
-def table(config: str = "wan2.1-1.3b", *, window: int = 21, batch_size: int = 1) -> str:
+def table(config: str = "wan2.1-1.3b", *, window: int = 21, batch_size: int = 1, parallel: int = 1) -> str:
+    """The memory modes' table (GiB by part and the peak) of one stream, or of one rank of a `parallel` split."""
     from sfpp.models.taehv import TAEHVDecoder
     from sfpp.models.vae import WanVAE
 
@@ -270,7 +271,7 @@ def table(config: str = "wan2.1-1.3b", *, window: int = 21, batch_size: int = 1)
     for name, m in MODES.items():
         p = memory_plan(cfg, window=window, batch_size=batch_size, kv_dtype=m["kv_dtype"], decoder=m["decoder"],
                         decoder_params=params[m["decoder"]], decoder_frames_per_call=m["decoder_frames_per_call"],
-                        text_encoder_bytes=umt5 if m["text_on_device"] else 0)  # fmt: skip
+                        text_encoder_bytes=umt5 if m["text_on_device"] else 0, parallel=parallel)  # fmt: skip
         cells = [p.dit_weights, p.kv_cache, p.decoder_weights + p.decoder_state, p.text_encoder,
                  p.chunk_activations, p.decoder_activations]  # fmt: skip
         rows.append([name, *(f"{c / GiB:.2f}" for c in cells), f"{p.peak / GiB:.2f}", f"{p.peak / 1e9:.1f}"])
