@@ -19,7 +19,7 @@ from sfpp.cli.options import (
     pick_device,
     why_random,
 )
-from sfpp.engine.parallel import shutdown
+from sfpp.engine.parallel import ContextParallelError, shutdown
 from sfpp.engine.sampler import NOISE_ORDERS
 from sfpp.models.dit import CONFIGS
 from sfpp.pipeline import DTYPES, KERNELS, KV_DTYPES, StreamSettings
@@ -128,8 +128,8 @@ def _generate(args: argparse.Namespace, device: torch.device) -> int:
     pipe = load_pipeline(args)
     try:
         return _stream_and_write(args, pipe, output, seconds, device)
-    finally:
-        if pipe.parallel is not None:
+    finally:  # a group with a dead or stuck member is left as it is: tearing it down could wait on that member
+        if pipe.parallel is not None and not isinstance(sys.exc_info()[1], ContextParallelError):
             shutdown()
 
 
