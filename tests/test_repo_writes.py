@@ -31,6 +31,7 @@ WRITERS = {
     "bench.chunk_step": ["bench/results"],
     "bench.campaign": ["sfpp/engine/dispatch_table.json"],
     "bench.report": ["README.md"],
+    "bench.parallel_plan": ["bench/results"],
 }
 # these write only where they are told (--out, -o, --out-dir; `sfpp bench`: the current directory)
 OTHERS = ["train.endless", "train.steering", "train.estimate", "bench.aot", "bench",

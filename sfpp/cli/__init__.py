@@ -16,6 +16,8 @@ import torch
 from sfpp import __version__
 from sfpp.cli import generate, serve
 from sfpp.cli.options import Parser
+from sfpp.engine.parallel import ContextParallelError
+from sfpp.models.dit import get_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     memory.add_argument("--config", default="wan2.1-1.3b", help="the DiT config (default: wan2.1-1.3b)")
     memory.add_argument("--window", type=int, default=21, help="attention window in latent frames (default: 21)")
     memory.add_argument("--batch-size", type=int, default=1, help="streams generated together (default: 1)")
+    memory.add_argument("--ranks", type=int, default=1, help="one rank's memory with the stream split over this many "
+                        "(context parallel: 1/N of the KV ring and of the chunk; default: 1)")  # fmt: skip
     return parser
 
 
@@ -56,7 +60,10 @@ def memory_table(args: argparse.Namespace) -> int:
 
     if args.window < 1 or args.batch_size < 1:
         raise ValueError(f"--window and --batch-size must be at least 1, got {args.window} and {args.batch_size}")
-    print(table(args.config, window=args.window, batch_size=args.batch_size))
+    if args.ranks < 1 or get_config(args.config).num_heads % args.ranks:
+        heads = get_config(args.config).num_heads
+        raise ValueError(f"--ranks must divide the {heads} heads of {args.config}, got {args.ranks}")
+    print(table(args.config, window=args.window, batch_size=args.batch_size, parallel=args.ranks))
     return 0
 
 
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "memory":
                 return memory_table(args)
             return bench(argv[1:])
-    except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, torch.OutOfMemoryError, ContextParallelError) as exc:
         print(f"sfpp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,12 +12,14 @@ from sfpp.cli.options import (
     SHIPPED_MODELS,
     add_decoder_options,
     add_memory_option,
+    add_parallel_option,
     add_student_options,
     add_threads_option,
     load_pipeline,
     pick_device,
     why_random,
 )
+from sfpp.engine.parallel import ContextParallelError, shutdown
 from sfpp.engine.sampler import NOISE_ORDERS
 from sfpp.models.dit import CONFIGS
 from sfpp.pipeline import DTYPES, KERNELS, KV_DTYPES, StreamSettings
@@ -75,6 +77,7 @@ def add_parser(sub) -> None:
     gen.add_argument("--compile", action="store_true", help="torch.compile the chunk (first chunks compile: slower)")
     add_threads_option(gen)
     add_memory_option(gen)
+    add_parallel_option(gen)
     gen.add_argument(
         "--height",
         type=int,
@@ -123,13 +126,22 @@ def _generate(args: argparse.Namespace, device: torch.device) -> int:
     output = check_output_path(args.output)  # before any work: a bad path must not cost a whole generation
     seconds = DEFAULT_SECONDS if args.seconds is None and args.num_frames is None else args.seconds
     pipe = load_pipeline(args)
-    if pipe.random_weights:
+    try:
+        return _stream_and_write(args, pipe, output, seconds, device)
+    finally:  # a group with a dead or stuck member is left as it is: tearing it down could wait on that member
+        if pipe.parallel is not None and not isinstance(sys.exc_info()[1], ContextParallelError):
+            shutdown()
+
+
+def _stream_and_write(args: argparse.Namespace, pipe, output, seconds: float | None, device: torch.device) -> int:
+    writer = pipe.is_writer  # split over ranks: rank 0 speaks and writes, every rank generates
+    if pipe.random_weights and writer:
         print(
             f"sfpp: warning: {why_random(args)}: the video is noise. It exercises the whole path: text encoder, DiT "
             "over the ring KV cache, decoder, mp4.",
             file=sys.stderr,
         )
-    if pipe.student is not None:
+    if pipe.student is not None and writer:
         s = pipe.settings
         print(f"sfpp: the {pipe.student} student's settings: chunks of {s.frames_per_chunk} latent frames, window "
               f"{s.window}, sink {s.sink}, steps {list(pipe.schedule.denoising_steps)} (--list-students)",
@@ -148,7 +160,7 @@ def _generate(args: argparse.Namespace, device: torch.device) -> int:
         height=args.height,
         width=args.width,
         seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet and writer,
         schedule=schedule,
         recache=not args.no_recache,
         video=video,
@@ -158,9 +170,12 @@ def _generate(args: argparse.Namespace, device: torch.device) -> int:
         frames.append(chunk[0])
     video = torch.cat(frames)
     elapsed = time.perf_counter() - start
+    if not writer:
+        return 0
     path = export_to_video(video, output, fps=pipe.fps)
+    where = device if pipe.parallel is None else f"{pipe.parallel.size} ranks ({pipe.parallel.scheme}) of {device.type}"
     print(
         f"wrote {path}: {video.shape[0]} frames {video.shape[2]}x{video.shape[1]} at {pipe.fps} fps "
-        f"({video.shape[0] / pipe.fps:.1f} s of video) in {elapsed:.1f} s on {device}"
+        f"({video.shape[0] / pipe.fps:.1f} s of video) in {elapsed:.1f} s on {where}"
     )
     return 0

@@ -4,6 +4,7 @@ pipeline a command line asks for (--model, else the shipped model, else random w
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -92,6 +93,32 @@ def add_memory_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_parallel_option(parser: argparse.ArgumentParser) -> None:
+    """--parallel, which `pipeline_options` hands to the pipeline (sfpp generate)."""
+    parser.add_argument(
+        "--parallel",
+        choices=["ulysses", "none"],
+        help="split the stream over the processes torchrun started (torchrun --nproc_per_node N -m sfpp generate "
+        "...): ulysses = each rank 1/N of each frame's tokens and of the attention heads (N must divide the heads: "
+        "12 for Wan2.1-1.3B, 40 for 14B); rank 0 writes the video (default: ulysses under torchrun with N > 1, "
+        "else none)",
+    )
+
+
+def parallel_scheme(args: argparse.Namespace) -> str | None:
+    """The --parallel a run gets: ulysses by default when torchrun started more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    scheme = getattr(args, "parallel", None)
+    if scheme is None:
+        return "ulysses" if world > 1 else None
+    if scheme == "none":
+        if world > 1:
+            raise ValueError(f"--parallel none under torchrun with {world} processes would write {world} copies of "
+                             "one video: drop --parallel (ulysses) or run one process")  # fmt: skip
+        return None
+    return scheme
+
+
 def pick_device(args: argparse.Namespace) -> torch.device:
     return check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -100,6 +127,8 @@ def pipeline_options(args: argparse.Namespace, device: torch.device) -> dict:
     """from_pretrained/from_config keywords from the knobs; left out where not given (the device's defaults). The
     knobs `sfpp serve` lacks count as not given."""
     options = {"device": device, "compile": getattr(args, "compile", False)}
+    if (scheme := parallel_scheme(args)) is not None:
+        options["parallel"] = scheme
     if getattr(args, "memory", None) is not None:
         options["memory"] = args.memory
     if getattr(args, "threads", None) is not None:

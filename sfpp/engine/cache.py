@@ -63,10 +63,13 @@ class RingKVCache(nn.Module):
         dtype: torch.dtype = torch.float32,
         kv_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        heads: int | None = None,
     ) -> None:
         """`kv_dtype=torch.float8_e4m3fn` stores the self-attention K/V in fp8 with per-token-per-head fp32 scales
         (k_scale/v_scale [num_layers, B, S*T, H]) and V rows contiguous (see `LayerKV`); by default K/V are kept
-        in `dtype`."""
+        in `dtype`. `heads`: the self-attention heads this cache holds, all of them by default; a rank of a
+        context-parallel group holds its H/N (`WanModel.cache_heads`). The text K/V keep every head (each rank's
+        tokens cross-attend with all of them)."""
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window must be >= 1 and sink >= 0, got window={window}, sink={sink}")
@@ -74,8 +77,11 @@ class RingKVCache(nn.Module):
             raise ValueError(f"batch_size and frame_tokens must be >= 1, got {batch_size}, {frame_tokens}")
         self.cfg, self.window, self.sink = cfg, window, sink
         self.batch_size, self.frame_tokens = batch_size, frame_tokens
+        self.heads = cfg.num_heads if heads is None else heads
+        if not (isinstance(self.heads, int) and 1 <= self.heads <= cfg.num_heads and cfg.num_heads % self.heads == 0):
+            raise ValueError(f"heads must divide the model's {cfg.num_heads} heads, got {heads!r}")
         slots = sink + window
-        kv_shape = (cfg.num_layers, batch_size, slots * frame_tokens, cfg.num_heads, cfg.head_dim)
+        kv_shape = (cfg.num_layers, batch_size, slots * frame_tokens, self.heads, cfg.head_dim)
         text_shape = (cfg.num_layers, batch_size, cfg.num_heads, cfg.text_len, cfg.head_dim)
         kv_dtype = kv_dtype or dtype
         if kv_dtype not in (dtype, torch.float8_e4m3fn):
@@ -114,7 +120,8 @@ class RingKVCache(nn.Module):
         text = 2 * self.text_k.numel() * self.text_k.element_size()
         return (
             f"KV cache: {self.sink} sink + {self.window} window frames x {self.frame_tokens} tokens x "
-            f"{self.cfg.num_layers} layers, batch {self.batch_size}, {self.k.dtype}{' + scales' if self.fp8 else ''}: "
+            f"{self.cfg.num_layers} layers, batch {self.batch_size}, {self.k.dtype}{' + scales' if self.fp8 else ''}"
+            f"{'' if self.heads == self.cfg.num_heads else f', {self.heads} of {self.cfg.num_heads} heads'}: "
             f"self-attn {kv / 2**20:.1f} MiB + text {text / 2**20:.1f} MiB = {self.nbytes / 2**20:.1f} MiB"
         )
 

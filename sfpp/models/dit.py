@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sfpp.engine import ops
 from sfpp.engine.attention import block_causal_mask, cache_and_chunk_attention
+from sfpp.engine.parallel import ContextParallel
 from sfpp.engine.rope import apply_rope, rope_table
 from sfpp.kernels.fp8 import dequantize_fp8, quantize_fp8
 from sfpp.kernels.reference import ring_attention_ref
@@ -76,6 +77,8 @@ CONFIGS: dict[str, WanConfig] = {
     # Small sizes for CPU work and tests; same structure, Wan's parameter names.
     "small": WanConfig(dim=256, ffn_dim=768, num_heads=4, num_layers=4, text_dim=256, text_len=64),
     "tiny": WanConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32, text_len=16),
+    # 14B's head layout (40 heads: context parallel over 2, 4, 5, 8 ranks) at a tiny width (head_dim 8), for CPU.
+    "tiny-14b": WanConfig(dim=320, ffn_dim=128, num_heads=40, num_layers=2, text_dim=32, text_len=16),
 }
 
 
@@ -270,10 +273,25 @@ class WanModel(nn.Module):
         # Training: activation checkpointing of every k-th block in forwards with gradients (0 or False: none, 1 or
         # True: every block), keeping only those blocks' inputs and recomputing them in the backward.
         self.checkpoint_blocks: int = 0
+        self.parallel: ContextParallel | None = None  # `set_parallel`: one stream split over ranks (Ulysses)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.head.head.weight.dtype
+
+    def set_parallel(self, parallel: ContextParallel | None) -> WanModel:
+        """Split every forward over the ranks of `parallel` (`sfpp.engine.parallel`: each rank 1/N of each frame's
+        tokens, its H/N heads in self-attention and in the ring cache), or None for one device. Every rank holds the
+        same weights and calls the same forwards with the same inputs; each gets the whole output."""
+        if parallel is not None:
+            parallel.check_heads(self.cfg.num_heads)
+        self.parallel = parallel
+        return self
+
+    @property
+    def cache_heads(self) -> int:
+        """Self-attention heads a ring cache of this model holds: all of them, or this rank's H/N."""
+        return self.cfg.num_heads if self.parallel is None else self.cfg.num_heads // self.parallel.size
 
     # --- pieces shared by both modes
 
@@ -348,14 +366,25 @@ class WanModel(nn.Module):
         f, h, w = grid
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()  # [B, F*h*w, dim]
         e, e0 = self.time_modulation(t)
-        rope = self.rope(frame_pos, h, w)
+        rope = self.rope(frame_pos, h, w)  # cos/sin [F*h*w, D/2]
         every = int(self.checkpoint_blocks)
+        par = self.parallel
+        if par is not None:  # this rank's 1/N of each frame's tokens; attention sees all of them, H/N heads
+            if torch.is_grad_enabled():
+                raise ValueError("context parallel runs inference only: call the model under torch.no_grad()")
+            par.check_tokens(h * w)
+            tokens = par.shard(tokens, f)  # [B, F*h*w/N, dim]
+            rope = tuple(par.shard(r, f, dim=0) for r in rope)  # [F*h*w/N, D/2]
+            layer_attend = attend
+            attend = lambda i: par.attend(layer_attend(i), f)  # noqa: E731
         for i, block in enumerate(self.blocks):
             if every and i % every == 0 and torch.is_grad_enabled():  # keep only block inputs; recompute in backward
                 tokens = checkpoint(block, tokens, e0, rope, text_kv[i], attend(i), kernels, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, rope, text_kv[i], attend(i), kernels)
-        out = self.head(tokens, e, kernels)  # [B, F*h*w, C*ph*pw]
+        out = self.head(tokens, e, kernels)  # [B, F*h*w(/N), C*ph*pw]
+        if par is not None:
+            out = par.gather_tokens(out, f)  # [B, F*h*w, C*ph*pw] on every rank
         return self._unpatchify(out.float(), grid)
 
     def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -418,10 +447,15 @@ class WanModel(nn.Module):
         sink + window. Uses the text K/V stored by `cache.set_text`. No host synchronisation."""
         t, grid = self._check_latents(x, t)
         f, h, w = grid
+        self._check_cache_heads(cache)
         plan = cache.plan(x.shape[0], f, h * w)
-        if self.kernels is not None and self.cfg.qk_norm and not torch.is_grad_enabled():
+        kernels = self.kernels if self.cfg.qk_norm and not torch.is_grad_enabled() else None
+        if kernels is not None and self.parallel is None:
             fused = lambda i: self._fused(cache, i, plan, h, w)
             return self._run(x, t, grid, plan.frame_pos, cache.text_kv, fused, self.kernels)
+        # Split over ranks, the fused cache write cannot run (its q/k RMSNorm spans all heads, a rank's attention
+        # holds H/N): q/k are normed and roped per token in torch, written by `cache.write`, and the kernels run the
+        # ring attention and adaLN.
 
         # Under autograd (training): the ring is read in place and the chunk's own K/V join with gradients, merged
         # by log-sum-exp; nothing is written (the no-grad context pass writes the final K/V), nothing copied.
@@ -435,11 +469,23 @@ class WanModel(nn.Module):
                     kv = cache.layer(i)
                     return cache_and_chunk_attention(q, kv.k, kv.v, earlier, k, v, h * w)
                 kv = cache.write(i, plan, k, v)
+                if kernels is not None:
+                    return ops.ring_attention(
+                        q, kv.k, kv.v, plan.valid_rows, plan.valid_rows_host, kv.k_scale, kv.v_scale, backend=kernels
+                    )
                 return ring_attention_ref(q, kv.k, kv.v, plan.valid_rows_host, kv.k_scale, kv.v_scale)
 
             return fn
 
-        return self._run(x, t, grid, plan.frame_pos, cache.text_kv, attend)
+        return self._run(x, t, grid, plan.frame_pos, cache.text_kv, attend, kernels)
+
+    def _check_cache_heads(self, cache) -> None:
+        if cache.heads != self.cache_heads:
+            where = "one device" if self.parallel is None else f"a rank of {self.parallel.size}"
+            raise ValueError(
+                f"the ring cache holds {cache.heads} heads, and the model on {where} attends with {self.cache_heads}: "
+                f"build it with RingKVCache(..., heads=model.cache_heads)"
+            )
 
     @torch.no_grad()
     def forward_context(self, x: Tensor, t: Tensor, cache, frames: list[int], frames_per_chunk: int) -> None:
@@ -456,6 +502,7 @@ class WanModel(nn.Module):
         if f != len(frames) or any(a >= b for a, b in zip(frames, frames[1:], strict=False)):
             raise ValueError(f"frames must list the {f} frames of x in ascending order, got {frames}")
         tokens = h * w
+        self._check_cache_heads(cache)
         if x.shape[0] != cache.batch_size or tokens != cache.frame_tokens:
             raise ValueError(f"latents {tuple(x.shape)} do not fit the cache (batch {cache.batch_size})")
         # Chunks as generated: counted back from the newest frame. A chunk's queries attend to the keys up to its

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.graph import ChunkRunner
+from sfpp.engine.parallel import ContextParallel, rank_device
+from sfpp.engine.parallel import init as init_parallel
 from sfpp.engine.sampler import NOISE_ORDERS, FlowMatchSchedule, SelfForcingNoise, num_noises, nvtx_range
 from sfpp.engine.stream import StatePool, StreamState, VideoStream, prepare_video, prompts_for, torch_threads
 from sfpp.models.checkpoint import CheckpointError, load_file, load_weights
@@ -133,6 +135,24 @@ class Pipeline:
         self._states = StatePool()  # caches and runners of finished streams, for the next stream of their shape
 
     @property
+    def parallel(self) -> ContextParallel | None:
+        """The context-parallel split of each stream (`set_parallel`), or None on one device."""
+        return self.transformer.parallel
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the output: always on one device, rank 0 of a context-parallel group."""
+        return self.parallel is None or self.parallel.rank == 0
+
+    def set_parallel(self, parallel: ContextParallel | None) -> Pipeline:
+        """Split each stream's DiT work over the ranks of `parallel` (`sfpp.engine.parallel`: Ulysses, each rank
+        1/N of each frame's tokens and H/N heads of the ring cache), or None for one device. Every rank runs the
+        same program: the same prompts, lengths, seeds and switches, chunk by chunk (a seed left out is drawn on
+        rank 0 and shared; a `generator=` must be seeded alike on every rank). Each rank gets the whole video."""
+        self.transformer.set_parallel(parallel)
+        return self
+
+    @property
     def threads_for_work(self) -> int | None:
         """The thread count the pipeline's work runs with here: `cpu_threads` on a CPU, torch's own elsewhere."""
         return self.cpu_threads if self.device.type == "cpu" else None
@@ -163,6 +183,7 @@ class Pipeline:
         """A pipeline with random weights of a named config: exercises every stage, generates noise-like video.
         `device`, `dtype`, `kernels`, `memory` and `options` as in `from_pretrained`."""
         _check_memory_mode(memory)
+        parallel, device = _parallel_option(options, device)
         device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         cfg = get_config(name)
         torch.manual_seed(seed)
@@ -178,6 +199,7 @@ class Pipeline:
             **options,
         )
         pipe.transformer.use_kernels(None if kernels == "none" else kernels)
+        pipe.set_parallel(parallel)
         return pipe.to(device, dtype)._fit_memory_on_load(memory, kv_dtype_given="kv_dtype" in options)
 
     @classmethod
@@ -216,12 +238,15 @@ class Pipeline:
         prompt embeddings kept on disk (`sfpp.pipeline.prompt_cache`; a folder, or True for the default one); by
         default on for umT5, whose encoding is the costly one. Unless given, `dtype`,
         `kernels` (a `WanModel.use_kernels` backend, or "none") and the option `cuda_graph` follow the device
-        (`device_defaults`: the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`."""
+        (`device_defaults`: the fast path on CUDA); other `options`: `compile`, `compile_options`, `kv_dtype`, and
+        `parallel`: "ulysses" splits each stream over every process of the job started by torchrun (`set_parallel`;
+        a bare "cuda" device becomes each rank's cuda:LOCAL_RANK), or a `ContextParallel` of one's own group."""
         from sfpp.models import wan_checkpoints as wc
         from sfpp.models.lora import load_lora
         from sfpp.models.students import detect_student, get_student
 
         _check_memory_mode(memory)
+        parallel, device = _parallel_option(options, device)
         device, dtype, kernels, options = _resolve_options(device, dtype, kernels, options)
         path = Path(path)
         layout = wc.detect_layout(path) if path.is_dir() else None
@@ -276,6 +301,7 @@ class Pipeline:
             prompt_cache = isinstance(pipe.text_encoder, UMT5TextEncoder)
         if prompt_cache is not False:
             pipe.prompt_cache = PromptCache(None if prompt_cache is True else prompt_cache)
+        pipe.set_parallel(parallel)
         return pipe.to(device, dtype)._fit_memory_on_load(memory, kv_dtype_given="kv_dtype" in options)
 
     @classmethod
@@ -403,10 +429,13 @@ class Pipeline:
         is reused with it), else new ones. Never one that a live stream holds."""
         model, s = self.transformer, self.settings
         options = tuple(sorted((k, repr(v)) for k, v in self.runner_options.items()))
-        key = (batch_size, frame_tokens, s, model.dtype, self.kv_dtype, self.device, self.schedule, options)
+        key = (batch_size, frame_tokens, s, model.dtype, self.kv_dtype, self.device, self.schedule, options,
+               model.cache_heads)  # fmt: skip
         state = self._states.take(key)
         if state is None:
             kv = {} if self.kv_dtype is None else {"kv_dtype": self.kv_dtype}
+            if model.parallel is not None:  # a clear error before any work: each rank takes 1/N of each frame
+                model.parallel.check_tokens(frame_tokens)
             cache = RingKVCache(
                 model.cfg,
                 batch_size=batch_size,
@@ -415,6 +444,7 @@ class Pipeline:
                 sink=s.sink,
                 dtype=model.dtype,
                 device=self.device,
+                heads=model.cache_heads,
                 **kv,
             )
             state = StreamState(key, cache, ChunkRunner(model, cache, self.schedule, **self.runner_options))
@@ -445,6 +475,7 @@ class Pipeline:
             decoder_frames_per_call=getattr(dec, "frames_per_call", None),
             spatial_factor=dec.spatial_factor,
             text_encoder_bytes=self._text_encoder_device_bytes(),
+            parallel=1 if self.parallel is None else self.parallel.size,
         )
 
     def _text_encoder_device_bytes(self) -> int:
@@ -581,7 +612,11 @@ class Pipeline:
             num_frames, _, h, w = self._plan(num_frames, seconds, height, width)
         _validate_noise(generator, seed)
         if generator is None:
-            generator = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
+            if seed is None:
+                seed = torch.seed()
+                if self.parallel is not None:  # every rank must draw the same noise: rank 0's seed
+                    seed = self.parallel.broadcast_int(seed % 2**62)
+            generator = torch.Generator().manual_seed(int(seed))
         if video is not None:
             if not hasattr(self.decoder, "encode_frames"):
                 raise ValueError(
@@ -609,7 +644,7 @@ class Pipeline:
                 recache=recache,
                 video=video,
                 include_video=include_video,
-                progress=progress,
+                progress=progress and self.is_writer,  # split over ranks: one progress bar, rank 0's
                 return_latents=return_latents,
                 noise=noise,
             )
@@ -639,6 +674,19 @@ class Pipeline:
             raise ValueError("give exactly one of num_frames= or seconds= (only stream() runs without an end)")
         chunks = list(self.stream(prompt, return_latents=True, **kwargs))
         return PipelineOutput(frames=torch.cat([f for f, _ in chunks], 1), latents=torch.cat([z for _, z in chunks], 2))
+
+
+def _parallel_option(options: dict, device) -> tuple[ContextParallel | None, torch.device | str]:
+    """`parallel=` of from_pretrained/from_config (taken out of `options`): None, "ulysses" (the whole torchrun job,
+    started here if need be) or a `ContextParallel`; and the rank's device."""
+    parallel = options.pop("parallel", None)
+    if parallel is None or parallel == "none" or isinstance(parallel, ContextParallel):
+        return parallel if parallel != "none" else None, device
+    if parallel != "ulysses":
+        raise ValueError(f"parallel must be None, 'ulysses' or a ContextParallel, got {parallel!r}")
+    device = rank_device(device)
+    init_parallel(device)
+    return ContextParallel.create(scheme=parallel), device
 
 
 def _check_memory_mode(memory: str) -> None:

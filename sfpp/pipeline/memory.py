@@ -102,25 +102,28 @@ def memory_plan(
     decoder_frames_per_call: int | None = None,
     spatial_factor: int = 8,
     text_encoder_bytes: int = 0,
+    parallel: int = 1,
 ) -> MemoryPlan:
     """The device memory of one stream at this size (see the module docstring). `decoder`: a decoder type (those
     of `DECODER_UNITS`; the others hold next to nothing) with `decoder_params` parameters;
     `decoder_frames_per_call`: latent frames per Wan VAE call (None: the whole chunk); `text_encoder_bytes`: what
-    the text encoder holds on the device while it encodes (0 when it runs on the CPU)."""
+    the text encoder holds on the device while it encodes (0 when it runs on the CPU); `parallel`: the ranks of a
+    context-parallel split (`sfpp.engine.parallel`), each holding 1/N of the self-attention K/V and of the chunk's
+    tokens (weights, text K/V, latents and the decoder whole): one rank's memory."""
     elt = dtype.itemsize
     kv_dtype = kv_dtype or dtype
     d, heads, layers = cfg.dim, cfg.num_heads, cfg.num_layers
     h, w = height // spatial_factor, width // spatial_factor  # latent size
     frame_tokens = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     rows = batch_size * (sink + window) * frame_tokens
-    kv = 2 * layers * rows * d * kv_dtype.itemsize
+    kv = 2 * layers * rows * d * kv_dtype.itemsize // parallel  # a rank holds H/N heads
     if kv_dtype == torch.float8_e4m3fn:
-        kv += 2 * layers * rows * heads * 4  # fp32 scale per token and head
+        kv += 2 * layers * rows * heads * 4 // parallel  # fp32 scale per token and head
     kv += 2 * layers * batch_size * cfg.text_len * d * elt  # the prompt's cross-attention K/V
 
     # One chunk: the largest live set is inside a block (the fp32 residual stream and its modulated copy beside
     # either the FFN's hidden layer or the cross-attention's scores), plus the chunk's noises and latents in fp32.
-    tokens = batch_size * frames_per_chunk * frame_tokens
+    tokens = batch_size * frames_per_chunk * frame_tokens // parallel  # a rank's share of the chunk
     ffn = tokens * (2 * cfg.ffn_dim * elt + 2 * d * 4 + 3 * d * elt)
     cross = tokens * (2 * heads * cfg.text_len * 4 + 4 * d * 4 + 3 * d * elt)
     latents = (num_noises + 3) * batch_size * cfg.in_channels * frames_per_chunk * h * w * 4
@@ -253,7 +256,8 @@ MODES = {
 }  # fmt: skip
 
 
-def table(config: str = "wan2.1-1.3b", *, window: int = 21, batch_size: int = 1) -> str:
+def table(config: str = "wan2.1-1.3b", *, window: int = 21, batch_size: int = 1, parallel: int = 1) -> str:
+    """The memory modes' table (GiB by part and the peak) of one stream, or of one rank of a `parallel` split."""
     from sfpp.models.taehv import TAEHVDecoder
     from sfpp.models.vae import WanVAE
 
@@ -267,7 +271,7 @@ def table(config: str = "wan2.1-1.3b", *, window: int = 21, batch_size: int = 1)
     for name, m in MODES.items():
         p = memory_plan(cfg, window=window, batch_size=batch_size, kv_dtype=m["kv_dtype"], decoder=m["decoder"],
                         decoder_params=params[m["decoder"]], decoder_frames_per_call=m["decoder_frames_per_call"],
-                        text_encoder_bytes=umt5 if m["text_on_device"] else 0)  # fmt: skip
+                        text_encoder_bytes=umt5 if m["text_on_device"] else 0, parallel=parallel)  # fmt: skip
         cells = [p.dit_weights, p.kv_cache, p.decoder_weights + p.decoder_state, p.text_encoder,
                  p.chunk_activations, p.decoder_activations]  # fmt: skip
         rows.append([name, *(f"{c / GiB:.2f}" for c in cells), f"{p.peak / GiB:.2f}", f"{p.peak / 1e9:.1f}"])
