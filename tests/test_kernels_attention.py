@@ -96,14 +96,15 @@ def rows_contiguous(x):
     return out
 
 
-@pytest.mark.parametrize("tile", ["hopper", "hopper_fp8", "ampere", "small"])
+@pytest.mark.parametrize("tile", [name for name in TILES if name != "interpreter"])
 def test_ring_attention_production_tiles(tile):
     """The GPU tile configurations (several query blocks, full key tiles and a ragged one), head dim 128, bf16 and
-    fp8 K/V."""
+    fp8 K/V (fp32 for the fp32 tile)."""
     g = torch.Generator(DEVICE).manual_seed(3)
     batch, lq, heads, d, rows = 1, 150, 2, 128, 300
-    q = torch.randn(batch, lq, heads, d, generator=g, device=DEVICE, dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, 400, heads, d, generator=g, device=DEVICE, dtype=torch.bfloat16) for _ in "kv")
+    dtype = torch.float32 if tile == "fp32" else torch.bfloat16
+    q = torch.randn(batch, lq, heads, d, generator=g, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(batch, 400, heads, d, generator=g, device=DEVICE, dtype=dtype) for _ in "kv")
     valid = torch.tensor(rows, device=DEVICE)
     ref = ring_attention_ref(q.double(), k.double(), v.double(), rows)
     if tile == "hopper_fp8":
