@@ -9,9 +9,12 @@ which keeps the fp8 kernel from spilling). Tiles past `valid_rows` are never rea
 cost what they attend over, not the whole ring.
 
 K/V are either in the compute dtype or fp8 e4m3 with per-token-per-head scales. An fp8 cache runs both products on
-fp8 tensor cores straight from shared memory (sm_89+; Triton has no e4m3 before): Q is quantized per row in-kernel
-and P per tile, and the scales are folded into the score and probability tiles instead of the K/V tiles (K = k8 *
-ks[n] scales score column n; V = v8 * vs[n] scales P's column n), so no K/V tile is ever converted or rescaled.
+fp8 tensor cores straight from shared memory (sm_89+; Triton has no e4m3 before). Q and P are each quantized per row
+in-kernel as two fp8 terms (x ~ (x8 + x8_lo) * scale, the second holding what the first rounded away; both terms
+multiply the same K or V tile in shared memory into one accumulator), which takes the error of the products from
+~4% of the output's rms (one e4m3 term: 3 mantissa bits) to ~0.2%, leaving the cache's own fp8 rounding; the
+scales are folded into the score and probability tiles instead of the K/V tiles (K = k8 * ks[n] scales score
+column n; V = v8 * vs[n] scales P's column n), so no K/V tile is ever converted or rescaled.
 V's rows are contiguous in an fp8 cache (`RingKVCache` stores it so), the operand layout fp8 warpgroup MMA takes for
 P @ V. Online softmax in fp32, in the exp2 domain. tests/test_compile_targets.py compiles every launch for sm_90
 and sm_80 and holds each against one table (`GATE`): registers, no spills, and the SASS hot loop's instruction mix
@@ -99,7 +102,7 @@ def _load(ptrs, n_ok, d_ok, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, row_scale,  # running state [M, D], [M], [M]; q [M, D]; row_scale [M] (log2 domain)
+    acc, m_i, l_i, q, q_lo, row_scale,  # running state [M, D], [M], [M]; q, q_lo [M, D]; row_scale [M] (log2)
     k_base, v_base, ks_base, vs_base, start, n_valid, offs_d,
     skl, svl, svd, ssl,
     D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
@@ -110,7 +113,10 @@ def _attend_tile(
     d_ok = offs_d < D
     MASK_D: tl.constexpr = offs_d.shape[0] != D
     kt = _load(k_base + offs_n[None, :] * skl + offs_d[:, None], n_ok[None, :], d_ok[:, None], MASK_N, MASK_D)
-    s = _dot(q, kt, PRECISION, INTERPRET) * row_scale[:, None]  # [M, N]
+    s = _dot(q, kt, PRECISION, INTERPRET)  # [M, N]
+    if FP8_KV:  # the second fp8 term of Q, into the same accumulator
+        s = tl.dot(q_lo, kt, s)
+    s = s * row_scale[:, None]
     if FP8_KV:
         ks = _load(ks_base + offs_n * ssl, n_ok, d_ok, MASK_N, False)
         s = s * ks[None, :]
@@ -125,10 +131,16 @@ def _attend_tile(
     v = _load(v_base + offs_n[:, None] * svl + offs_d[None, :] * svd, n_ok[:, None], d_ok[None, :], MASK_N, MASK_D)
     if FP8_KV:
         vs = _load(vs_base + offs_n * ssl, n_ok, d_ok, MASK_N, False)
-        # P * vs in fp8, rescaled so the tile's largest V scale maps P's 1.0 to fp8's top
-        p_scale = tl.maximum(tl.max(vs, axis=0), 1e-30) * _FP8_STEP
-        p8 = to_e4m3(p * (vs / p_scale)[None, :], INTERPRET)
-        acc += tl.dot(p8, v) * p_scale
+        # P * vs as two fp8 terms per row, scaled so the row's largest maps onto fp8's top (a row reduction, no
+        # exchange between warps); the second term holds what the first rounded away. Both products run from the
+        # one V tile in shared memory, into one accumulator.
+        w = p * vs[None, :]
+        p_scale = tl.maximum(tl.max(w, axis=1), 1e-30) * _FP8_STEP
+        w = w * (1 / p_scale)[:, None]
+        p8 = to_e4m3(w, INTERPRET)
+        pv = tl.dot(p8, v)
+        pv = tl.dot(to_e4m3(w - p8.to(tl.float32), INTERPRET), v, pv)
+        acc += pv * p_scale[:, None]
     else:
         acc += _dot(cast(p, v.dtype, INTERPRET), v, PRECISION, INTERPRET)
     return acc, m_new, l_i
@@ -157,9 +169,12 @@ def _ring_attention_kernel(
         q_ok = q_ok & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=q_ok, other=0.0)  # [M, D]
     row_scale = tl.full((BLOCK_M,), qk_scale, tl.float32)
-    if FP8_KV:  # per-row fp8 quantization of Q; its scale joins the softmax scale
+    q_lo = q
+    if FP8_KV:  # Q as two fp8 terms per row, q ~ (q8 + q_lo) * q_scale; the scale joins the softmax scale
         q_scale = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), axis=1), 1e-12) * _FP8_STEP
-        q = to_e4m3(q.to(tl.float32) / q_scale[:, None], INTERPRET)
+        qn = q.to(tl.float32) / q_scale[:, None]
+        q = to_e4m3(qn, INTERPRET)
+        q_lo = to_e4m3(qn - q.to(tl.float32), INTERPRET)
         row_scale = row_scale * q_scale
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -173,13 +188,13 @@ def _ring_attention_kernel(
     n_full = n_valid - n_valid % BLOCK_N
     if n_full < n_valid:  # the ragged end (rows n_full .. n_valid), masked, before the loop
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, row_scale, k_base, v_base, ks_base, vs_base, n_full, n_valid, offs_d,
+            acc, m_i, l_i, q, q_lo, row_scale, k_base, v_base, ks_base, vs_base, n_full, n_valid, offs_d,
             skl, svl, svd, ssl, D, BLOCK_N, True, FP8_KV, PRECISION, INTERPRET,
         )  # fmt: skip
 
     for start in range(0, n_full, BLOCK_N):  # the steady state: full tiles, nothing masked
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, row_scale, k_base, v_base, ks_base, vs_base, start, n_valid, offs_d,
+            acc, m_i, l_i, q, q_lo, row_scale, k_base, v_base, ks_base, vs_base, start, n_valid, offs_d,
             skl, svl, svd, ssl, D, BLOCK_N, False, FP8_KV, PRECISION, INTERPRET,
         )  # fmt: skip
     out = cast(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
