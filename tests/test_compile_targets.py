@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("triton")
 
 from bench.aot import SHARED_LIMIT, cases, sass_instructions  # noqa: E402
-from sfpp.kernels.ring_attention import TILES  # noqa: E402
+from sfpp.kernels.ring_attention import TILES, tile_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = cases()
@@ -61,7 +61,7 @@ def test_launch_compiles_and_fits_shared_memory(compiled, case):
 
 
 def test_ring_attention_launches_cover_every_gpu_tile(compiled):
-    """Each tile `tile_for` can pick on a GPU is picked for some production shape, and so compiled above."""
+    """Each tile `tile_name` can pick on a GPU is picked for some production shape, and so compiled above."""
     records, _ = compiled
     used = {
         (int(r["constexprs"]["BLOCK_M"]), int(r["constexprs"]["BLOCK_N"]), r["num_warps"], r["num_stages"])
@@ -123,6 +123,9 @@ def _record(compiled, case) -> dict:
 @pytest.mark.parametrize("case", ATTENTION, ids=lambda c: c.name)
 def test_ring_attention_takes_its_tile_without_spilling(compiled, case):
     r, gate = _record(compiled, case), GATE[case.name]
+    dtype = torch.float32 if case.variant == "fp32" else torch.bfloat16
+    tokens = case.shape.chunk_frames * case.shape.frame_tokens
+    assert tile_name(case.arch, case.shape.head_dim, tokens, dtype, case.variant == "fp8") == gate.tile
     c = r["constexprs"]
     assert (int(c["BLOCK_M"]), int(c["BLOCK_N"]), r["num_warps"], r["num_stages"]) == tuple(TILES[gate.tile])
     usage = {k: r[k] for k in ("regs", "stack", "spill_stores", "spill_loads")}

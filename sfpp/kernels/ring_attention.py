@@ -36,7 +36,7 @@ from sfpp.kernels import _device
 from sfpp.kernels._cast import cast, to_e4m3
 from sfpp.kernels.fp8 import FP8_MAX
 
-__all__ = ["TILES", "Tile", "ring_attention", "tile_for"]
+__all__ = ["TILES", "Tile", "ring_attention", "tile_for", "tile_name"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FP8_STEP = tl.constexpr(1 / FP8_MAX)  # an fp8 scale is amax * _FP8_STEP: amax maps onto the top of e4m3
@@ -61,18 +61,23 @@ TILES = {
 }
 
 
-def tile_for(arch: int | None, head_dim: int, num_queries: int, dtype: torch.dtype, fp8: bool) -> Tile:
-    """The tile for one launch: `arch` is the GPU's compute capability as 90, 80, ... (None: the interpreter);
-    dtype the compute dtype (fp32 takes no tensor-core path: its own tile)."""
+def tile_name(arch: int | None, head_dim: int, num_queries: int, dtype: torch.dtype, fp8: bool) -> str:
+    """The TILES entry for one launch: `arch` is the GPU's compute capability as 90, 80, ... (None: the
+    interpreter); dtype the compute dtype (fp32 takes no tensor-core path: its own tile)."""
     if arch is None:
-        return TILES["interpreter"]
+        return "interpreter"
     if dtype == torch.float32:
-        return TILES["fp32"]
+        return "fp32"
     if num_queries <= 64 or head_dim < 64:
-        return TILES["small"]
+        return "small"
     if arch >= 90:
-        return TILES["hopper_fp8"] if fp8 else TILES["hopper"]
-    return TILES["ampere"]
+        return "hopper_fp8" if fp8 else "hopper"
+    return "ampere"
+
+
+def tile_for(arch: int | None, head_dim: int, num_queries: int, dtype: torch.dtype, fp8: bool) -> Tile:
+    """The tile for one launch (`tile_name`)."""
+    return TILES[tile_name(arch, head_dim, num_queries, dtype, fp8)]
 
 
 @triton.jit
