@@ -100,11 +100,11 @@ def providers(q, k, v, rows: int, device: torch.device) -> dict:
     (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
     v8 = rows_contiguous(v8)
     arch = _device.arch(device)
-    tiles = {n: t for n, t in TILES.items() if (n == "interpreter") == (arch is None)}
+    tiles = {n: t for n, t in TILES.items() if (n == "interpreter") == (arch is None) and (not t.tma or arch >= 90)}
     out = {}
-    for name, tile in tiles.items():
+    for name, tile in tiles.items():  # every tile, the launcher's and the candidates (TMA: 16-bit K/V only)
         out[f"triton-bf16-{name}"] = lambda tile=tile: ring_attention(q, k, v, valid, tile=tile)
-        if arch is None or arch >= 89:
+        if (arch is None or arch >= 89) and not tile.tma:
             out[f"triton-fp8-{name}"] = lambda tile=tile: ring_attention(q, k8, v8, valid, ks, vs, tile=tile)
     out["torch"] = lambda: ring_attention_ref(q, k, v, rows)  # sfpp.engine.ops' torch backend: SDPA over the prefix
     out["torch-fp8"] = lambda: ring_attention_ref(q, k8, v8, rows, ks, vs)  # dequantize the prefix, then SDPA

@@ -47,6 +47,7 @@ class Tile(NamedTuple):
     block_n: int  # cache rows per step of the loop
     num_warps: int
     num_stages: int  # K/V tiles in flight (software pipelining)
+    tma: bool = False  # full K/V tiles by TMA (tensor descriptors) instead of cp.async: 16-bit K/V, sm_90
 
 
 # Everything the launcher can choose (`tile_for`), each compiled for sm_90 and sm_80 in CI. Shared memory: Q tile
@@ -57,6 +58,9 @@ TILES = {
     "ampere": Tile(128, 64, 8, 3),  # mma.sync: register-bound, so narrower key tiles, deeper pipeline
     "small": Tile(64, 64, 4, 2),  # few queries (the toy model's 48 per chunk), small head dims
     "fp32": Tile(32, 32, 8, 2),  # fp32: ieee products on FFMAs, operands in registers; 64x64 spills ~55 KB at D 128
+    # A candidate the launcher never picks: `bench.bench_ring_attention` measures it beside "hopper", and the dispatch
+    # table (sfpp/engine/dispatch_table.json) makes it a GPU's tile only where it was the fastest there.
+    "hopper_tma": Tile(128, 128, 8, 2, tma=True),
     "interpreter": Tile(16, 16, 4, 1),  # CPU tests: many tiles and ragged ends at small sizes
 }
 
@@ -110,14 +114,18 @@ def _attend_tile(
     acc, m_i, l_i, q, q_lo, row_scale,  # running state [M, D], [M], [M]; q, q_lo [M, D]; row_scale [M] (log2)
     k_base, v_base, ks_base, vs_base, start, n_valid, offs_d,
     skl, svl, svd, ssl,
+    k_desc, v_desc, row0, col0,  # TMA: 2-D descriptors over [B * S*T, H * D]; this (batch, head)'s first row, column
     D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
-    FP8_KV: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    FP8_KV: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_valid
     d_ok = offs_d < D
     MASK_D: tl.constexpr = offs_d.shape[0] != D
-    kt = _load(k_base + offs_n[None, :] * skl + offs_d[:, None], n_ok[None, :], d_ok[:, None], MASK_N, MASK_D)
+    if TMA and not MASK_N:
+        kt = tl.trans(k_desc.load([row0 + start, col0]))
+    else:
+        kt = _load(k_base + offs_n[None, :] * skl + offs_d[:, None], n_ok[None, :], d_ok[:, None], MASK_N, MASK_D)
     s = _dot(q, kt, PRECISION, INTERPRET)  # [M, N]
     if FP8_KV:  # the second fp8 term of Q, into the same accumulator
         s = tl.dot(q_lo, kt, s)
@@ -133,7 +141,10 @@ def _attend_tile(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    v = _load(v_base + offs_n[:, None] * svl + offs_d[None, :] * svd, n_ok[:, None], d_ok[None, :], MASK_N, MASK_D)
+    if TMA and not MASK_N:
+        v = v_desc.load([row0 + start, col0])
+    else:
+        v = _load(v_base + offs_n[:, None] * svl + offs_d[None, :] * svd, n_ok[:, None], d_ok[None, :], MASK_N, MASK_D)
     if FP8_KV:
         vs = _load(vs_base + offs_n * ssl, n_ok, d_ok, MASK_N, False)
         # P * vs as two fp8 terms per row, scaled so the row's largest maps onto fp8's top (a row reduction, no
@@ -154,15 +165,16 @@ def _attend_tile(
 @triton.jit
 def _ring_attention_kernel(
     Q, K, V, KS, VS, ValidRows, O,  # noqa: E741 (flash-attention's names)
+    KDesc, VDesc,  # TMA descriptors of K and V as [B * S*T, H * D] (TMA), else unused
     qk_scale,  # softmax scale * log2(e)
-    Lq, H,  # query tokens, heads
+    Lq, H, Rows,  # query tokens, heads, cache rows (S*T)
     sqb, sql, sqh,  # q [B, Lq, H, D], D contiguous
     skb, skl, skh,  # k [B, S*T, H, D], D contiguous
     svb, svl, svh, svd,  # v [B, S*T, H, D], D contiguous (16-bit) or rows contiguous (fp8 cache)
     ssb, ssl, ssh,  # k_scale and v_scale share one layout [B, S*T, H]
     sob, sol, soh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP8_KV: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    FP8_KV: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     b = (tl.program_id(1) // H).to(tl.int64)
@@ -189,18 +201,20 @@ def _ring_attention_kernel(
     v_base = V + b * svb + h * svh
     ks_base = KS + b * ssb + h * ssh
     vs_base = VS + b * ssb + h * ssh
+    row0 = (tl.program_id(1) // H) * Rows
+    col0 = (tl.program_id(1) % H) * D
     n_valid = tl.load(ValidRows).to(tl.int32)  # the ring's valid prefix, read on the device
     n_full = n_valid - n_valid % BLOCK_N
     if n_full < n_valid:  # the ragged end (rows n_full .. n_valid), masked, before the loop
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_lo, row_scale, k_base, v_base, ks_base, vs_base, n_full, n_valid, offs_d,
-            skl, svl, svd, ssl, D, BLOCK_N, True, FP8_KV, PRECISION, INTERPRET,
+            skl, svl, svd, ssl, KDesc, VDesc, row0, col0, D, BLOCK_N, True, FP8_KV, PRECISION, INTERPRET, TMA,
         )  # fmt: skip
 
     for start in range(0, n_full, BLOCK_N):  # the steady state: full tiles, nothing masked
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_lo, row_scale, k_base, v_base, ks_base, vs_base, start, n_valid, offs_d,
-            skl, svl, svd, ssl, D, BLOCK_N, False, FP8_KV, PRECISION, INTERPRET,
+            skl, svl, svd, ssl, KDesc, VDesc, row0, col0, D, BLOCK_N, False, FP8_KV, PRECISION, INTERPRET, TMA,
         )  # fmt: skip
     out = cast(acc / l_i[:, None], O.dtype.element_ty, INTERPRET)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out, mask=q_ok)
@@ -249,23 +263,35 @@ def ring_attention(
     if lq == 0:
         return out
     tile = tile or tile_for(_device.arch(q.device), d, lq, q.dtype, fp8)
+    block_d = max(16, triton.next_power_of_2(d))
+    k_desc, v_desc = k_cache, v_cache  # unused pointers
+    if tile.tma:
+        if fp8 or block_d != d or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("a TMA tile takes contiguous 16-bit K/V caches with a power-of-two head dim")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc, v_desc = (
+            TensorDescriptor.from_tensor(x.view(-1, heads * d), [tile.block_n, d]) for x in (k_cache, v_cache)
+        )
     grid = (triton.cdiv(lq, tile.block_m), batch * heads)
     _ring_attention_kernel[grid](
         q, k_cache, v_cache, k_scale, v_scale, valid_rows, out,
+        k_desc, v_desc,
         math.log2(math.e) / math.sqrt(d),
-        lq, heads,
+        lq, heads, k_cache.shape[1],
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         *scale_strides,
         out.stride(0), out.stride(1), out.stride(2),
         D=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_D=block_d,
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n,
         FP8_KV=fp8,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRET=INTERPRET,
+        TMA=tile.tma,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
     )  # fmt: skip
