@@ -41,8 +41,9 @@ def run_chunks(model, dtype, kv_dtype, chunks=3, frames=2, seed=0):
     [
         (torch.float32, None, 1e-5),
         (torch.bfloat16, None, 0.02),  # bf16 end to end, two layers: measured 0.5%, a few bf16 steps
-        # both paths attend over the same fp8 cache, the kernel with Q and P in fp8 too: measured 1.4%
-        (torch.bfloat16, torch.float8_e4m3fn, 0.03),
+        # both paths attend over the same fp8 cache, the kernel with Q and P as two fp8 terms each: measured 0.46%
+        # (1.4% with one term), the same as bf16 K/V
+        (torch.bfloat16, torch.float8_e4m3fn, 0.02),
     ],
 )
 @torch.no_grad()

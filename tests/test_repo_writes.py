@@ -30,9 +30,9 @@ WRITERS = {
     "bench.campaign": ["sfpp/engine/dispatch_table.json"],
     "bench.report": ["README.md"],
 }
-# these write only where they are told (--out, -o, --out-dir; `sfpp bench`: the current directory)
-OTHERS = ["train.endless", "train.steering", "train.estimate", "bench.aot", "bench", "sfpp generate", "sfpp serve",
-          "sfpp bench"]  # fmt: skip
+# these write only where they are told (--out, -o, --out-dir; `sfpp bench`: the current directory), or nothing
+OTHERS = ["train.endless", "train.steering", "train.estimate", "bench.aot", "bench", "bench.fp8_error",
+          "sfpp generate", "sfpp serve", "sfpp bench"]  # fmt: skip
 SAYS_SO = "writes into the repository"
 
 

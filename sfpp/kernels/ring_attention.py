@@ -54,7 +54,7 @@ class Tile(NamedTuple):
 # + num_stages * (K tile + V tile), e.g. 32 + 2 * 64 KiB for bf16 at D 128 (H100: 227 KiB, A100: 163 KiB).
 TILES = {
     "hopper": Tile(128, 128, 8, 2),  # 16-bit K/V, D <= 128: two warpgroups of 64 query rows
-    "hopper_fp8": Tile(128, 64, 8, 3),  # fp8: per-column K/V scales cost registers; 128 keys spill (232 B)
+    "hopper_fp8": Tile(128, 64, 8, 3),  # fp8: per-column K/V scales and two-term P cost registers; 128 keys spill
     "ampere": Tile(128, 64, 8, 3),  # mma.sync: register-bound, so narrower key tiles, deeper pipeline
     "small": Tile(64, 64, 4, 2),  # few queries (the toy model's 48 per chunk), small head dims
     "fp32": Tile(32, 32, 8, 2),  # fp32: ieee products on FFMAs, operands in registers; 64x64 spills ~55 KB at D 128
