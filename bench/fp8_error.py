@@ -7,6 +7,7 @@ rounding). Random bf16 inputs, a ragged prefix, the production fp8 tile; on CPU 
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -22,13 +23,16 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def main() -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=500, help="valid prefix of the 512-row cache (default 500: ragged)")
+    args = p.parse_args(argv)
     from sfpp.kernels.fp8 import dequantize_fp8, quantize_fp8
     from sfpp.kernels.reference import ring_attention_ref
     from sfpp.kernels.ring_attention import TILES, ring_attention
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lq, heads, d, rows, tile = 128, 2, 128, 500, TILES["hopper_fp8"]
+    lq, heads, d, rows, tile = 128, 2, 128, args.rows, TILES["hopper_fp8"]
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
