@@ -4,7 +4,11 @@ Each launcher (`ring_attention`, `cache_write`, `adaln_modulate`) is called on C
 its kernel launch is intercepted and compiled ahead of time by `triton.compile` for the target, with exactly the
 signature, constexprs, divisibility hints and options that Triton's own launch would derive from those arguments
 (Triton's binder and argument packer, run for the target's backend). Nothing runs: a launch that only Triton's
-interpreter accepts fails here. Needs TRITON_INTERPRET unset in this process (a jitted function is bound to the
+interpreter accepts fails here. Besides the TTGIR, each case keeps its SASS (the bundled `cuobjdump`) and
+records what ptxas made of it: registers, stack frame and spill bytes (`ptxas -v`, rerun on the PTX with
+Triton's own ptxas and flags) and the instruction mix of the hot loop (`sass_loop_mix`: the SASS loop, a
+backward branch's range, that holds the most matrix instructions), which tests/test_compile_targets.py holds
+against a table. Needs TRITON_INTERPRET unset in this process (a jitted function is bound to the
 interpreter at import), hence a command line that tests/test_compile_targets.py runs in subprocesses:
 
     python -m bench.aot --out /tmp/aot            # every case; JSON summary + TTGIR per case in --out
@@ -17,9 +21,13 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +79,10 @@ def cases() -> list[Case]:
         for shape in SHAPES:
             kv_dtypes = ("bf16", "fp8") if arch >= 89 else ("bf16",)  # Triton has no e4m3 before sm_89
             out += [Case("ring_attention", arch, shape, kv) for kv in kv_dtypes]
-            if shape is SHAPES[0]:  # fp32 through the same launcher (no tensor cores: the small tile)
+            if shape is SHAPES[0]:  # fp32 through the same launcher (no tensor cores: the fp32 tile)
                 out.append(Case("ring_attention", arch, shape, "fp32"))
+                if arch >= 90:  # the TMA candidate tile (bench_ring_attention measures it; the launcher never picks it)
+                    out.append(Case("ring_attention", arch, shape, "bf16-tma"))
             out += [Case("cache_write", arch, shape, kv) for kv in kv_dtypes]
             out += [Case("adaln_modulate", arch, shape, layout) for layout in ("x-contiguous", "x-transposed")]
     return out
@@ -112,6 +122,81 @@ def compile_launch(kernel, args: tuple, kwargs: dict, arch: int):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+def _tool(name: str) -> str:
+    """A CUDA binary tool, the copy Triton ships (`cuobjdump`, `nvdisasm`, `ptxas`, `ptxas-blackwell`)."""
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def ptxas_usage(ptx: str, arch: int, fp_fusion: bool = True) -> dict:
+    """`ptxas -v` on the PTX, with the ptxas and flags Triton's `make_cubin` uses: registers, stack frame and spill
+    bytes (spills are what `STL`/`LDL` in the SASS cost; the stack frame also holds local arrays)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [_tool("ptxas-blackwell" if arch >= 90 else "ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
+               *([] if fp_fusion else ["--fmad=false"]), f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}",
+               str(src), "-o", str(Path(d) / "k.cubin")]  # fmt: skip
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+    def number(pattern: str) -> int:
+        m = re.search(pattern, log)
+        if m is None:
+            raise RuntimeError(f"no {pattern!r} in the ptxas log:\n{log}")
+        return int(m.group(1))
+
+    return {
+        "regs": number(r"Used (\d+) registers"),
+        "stack": number(r"(\d+) bytes stack frame"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+    }
+
+
+def sass_of(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with its modifiers, the instruction without its predicate) for each SASS instruction."""
+    out = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][^;]*);", sass):
+        text = m.group(2).strip()
+        out.append((int(m.group(1), 16), text.split()[0], text))
+    return out
+
+
+MMA_OPS = ("HGMMA", "QGMMA", "HMMA", "IMMA")  # warpgroup bf16/fp16/tf32, warpgroup fp8, mma.sync
+
+
+def sass_loop_mix(sass: str) -> dict:
+    """The instruction mix of the hot loop: among the loops (the range from a backward branch's target to the
+    branch), the one with the most matrix instructions (then FFMAs: fp32 without tensor cores), the smallest on a
+    tie. {"instructions": n, opcode base: count, ..., "mma": {opcode with modifiers: count}, "ldg": {LDG opcode
+    with modifiers: count}}; {} if no loop has an MMA or an FFMA."""
+    ins = sass_instructions(sass)
+    best = None
+    for addr, op, text in ins:
+        m = re.match(r"BRA(?:\.\S+)? (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
+        if not (op.startswith("BRA") and m) or int(m.group(1), 16) > addr:
+            continue
+        body = [(o, t) for a, o, t in ins if int(m.group(1), 16) <= a <= addr]
+        work = (sum(o.split(".")[0] in MMA_OPS for o, _ in body), sum(o.startswith("FFMA") for o, _ in body))
+        if any(work) and (best is None or (*work, -len(body)) > (*best[0], -len(best[1]))):
+            best = (work, body)
+    if best is None:
+        return {}
+    body = best[1]
+    mix: dict = dict(Counter(o.split(".")[0] for o, _ in body), instructions=len(body))
+    mix["mma"] = dict(Counter(o for o, _ in body if o.split(".")[0] in MMA_OPS))
+    mix["ldg"] = dict(Counter(o for o, _ in body if o.split(".")[0] == "LDG"))
+    return mix
+
+
 def _launch(case: Case) -> tuple[object, Callable[[], None]]:
     """(the jitted kernel, a call of its launcher on CPU tensors of the case's shapes)."""
     from sfpp.engine.cache import RingKVCache
@@ -136,8 +221,9 @@ def _launch(case: Case) -> tuple[object, Callable[[], None]]:
         c.chunk_start.fill_(c.frames_done)
         plan = c.plan(1, s.chunk_frames, s.frame_tokens)
         q = torch.empty(1, tokens, s.heads, s.head_dim, dtype=dtype)
+        tile = mod.TILES["hopper_tma"] if case.variant == "bf16-tma" else None
         return mod._ring_attention_kernel, lambda: mod.ring_attention(q, *c.layer(0)[:2], plan.valid_rows,
-                                                                        *c.layer(0)[2:])  # fmt: skip
+                                                                        *c.layer(0)[2:], tile=tile)  # fmt: skip
     if case.op == "cache_write":
         from sfpp.kernels import cache_write as mod
 
@@ -183,7 +269,11 @@ def compile_case(case: Case, out_dir: Path) -> dict:
             ok=True, shared=meta.shared, num_warps=meta.num_warps, num_stages=meta.num_stages,
             constexprs={k: str(v) for k, v in kwargs.items() if k.isupper()},
         )  # fmt: skip
+        sass = sass_of(compiled.asm["cubin"])
+        record.update(ptxas_usage(compiled.asm["ptx"], case.arch, compiled.metadata.enable_fp_fusion),
+                      loop=sass_loop_mix(sass))  # fmt: skip
         (out_dir / f"{case.name}.ttgir").write_text(compiled.asm["ttgir"])
+        (out_dir / f"{case.name}.sass").write_text(sass)
     except Exception as e:  # noqa: BLE001 (the failure is the result: the test reports it)
         record.update(ok=False, error=f"{type(e).__name__}: {e}"[:4000], traceback=traceback.format_exc()[-4000:])
     record["seconds"] = round(time.perf_counter() - start, 2)

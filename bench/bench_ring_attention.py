@@ -5,7 +5,11 @@ SDPA backend, FlexAttention, flash-attn and xformers where installed, measured i
     python -m bench.bench_ring_attention                      # Wan 1.3B: 4680 queries, 12 heads of 128
     python -m bench.bench_ring_attention --windows 3 6 12 21  # fill levels: 3 frames (first chunk) .. 21 (full)
 
-Reports TFLOP/s (4 * B * H * Lq * Lk * D / time) and saves JSON under bench/results/. At the largest window (the
+Reports TFLOP/s (4 * B * H * Lq * Lk * D / time) and saves JSON under bench/results/. First, on any machine, the
+roofline of each tile the launcher can choose at these shapes (`roofline`): FLOPs (nominal, and what the tensor
+cores execute: padded to whole tiles, twice over for fp8's two-term Q and P), bytes (Q, O and the K/V prefix
+with its fp8 scales, each once from HBM; and K/V as every query block streams it through L2), arithmetic
+intensity, and the time at H100 SXM peak (989 TFLOP/s dense bf16, 1979 fp8, 3.35 TB/s HBM). At the largest window (the
 steady state) it records the fastest backend and Triton tile per GPU model in `sfpp/engine/dispatch_table.json`, which
 `backend="auto"` reads (`--table` elsewhere, `--no-table` to leave it). Needs a CUDA GPU; on a CPU it runs a tiny
 smoke configuration of our kernel through Triton's interpreter and saves nothing.
@@ -23,6 +27,49 @@ import torch.nn.functional as F
 from bench.common import WRITES_GPU, dispatch_meta, parser, save
 
 FRAME_TOKENS = 1560  # 480x832 latents: 30 x 52 patches
+H100 = {"bf16": 989e12, "fp8": 1979e12, "hbm": 3.35e12}  # dense tensor-core FLOP/s, HBM bytes/s (SXM)
+
+
+def roofline(tile, fp8: bool, batch: int, heads: int, lq: int, lk: int, d: int) -> dict:
+    """One launch of ring attention with `tile` (a `Tile`) over lk keys: FLOPs, bytes, arithmetic intensity and
+    time at H100 peak. Compute: Q K^T and P V, 2 * lq * lk * d each per head, as tensor cores run them: query and
+    key counts rounded up to whole tiles, head dim to BLOCK_D, and fp8 twice (Q and P as two fp8 terms each).
+    Bytes: q and the output in bf16, K and V (1 byte + a 4-byte scale per row and head for fp8), each read once
+    (HBM, if L2 keeps the prefix for the query blocks that share it) and as each query block streams it (L2)."""
+    bd = max(16, 1 << (d - 1).bit_length())
+    mt, nt = -(-lq // tile.block_m), -(-lk // tile.block_n)
+    flops = 4 * batch * heads * lq * lk * d
+    mma_flops = 4 * batch * heads * mt * tile.block_m * nt * tile.block_n * bd * (2 if fp8 else 1)
+    kv_row = 2 * (d * (1 if fp8 else 2) + (4 if fp8 else 0))  # K and V, bytes per key per head
+    hbm = batch * heads * (2 * lq * d * 2 + lk * kv_row)
+    l2 = batch * heads * (2 * lq * d * 2 + mt * lk * kv_row)
+    peak = H100["fp8" if fp8 else "bf16"]
+    t_compute, t_memory = mma_flops / peak, hbm / H100["hbm"]
+    return {
+        "flops": flops, "mma_flops": mma_flops, "hbm_bytes": hbm, "l2_bytes": l2,
+        "intensity": flops / hbm, "ridge": peak / H100["hbm"],
+        "us_compute": t_compute * 1e6, "us_hbm": t_memory * 1e6, "us_at_peak": max(t_compute, t_memory) * 1e6,
+        "bound": "compute" if t_compute >= t_memory else "memory",
+    }  # fmt: skip
+
+
+def print_roofline(heads: int, lq: int, windows: list[int], d: int, tokens: int) -> list[dict]:
+    """The roofline of each tile `tile_name` picks at these shapes on sm_90 (bf16 and fp8 K/V), at H100 peak."""
+    from sfpp.kernels.ring_attention import TILES, tile_name
+
+    out = []
+    for arch, fp8 in ((90, False), (90, True)):
+        name = tile_name(arch, d, lq, torch.bfloat16, fp8)
+        tile = TILES[name]
+        for window in windows:
+            r = roofline(tile, fp8, 1, heads, lq, window * tokens, d)
+            out.append({"arch": arch, "kv": "fp8" if fp8 else "bf16", "tile": name, "window": window, **r})
+            print(f"roofline sm_{arch} {'fp8 ' if fp8 else 'bf16'} {name:10s} window {window:3d}: "
+                  f"{r['flops'] / 1e12:6.2f} TFLOP ({r['mma_flops'] / 1e12:6.2f} on tensor cores), "
+                  f"{r['hbm_bytes'] / 1e6:7.1f} MB HBM ({r['l2_bytes'] / 1e9:5.2f} GB through L2), "
+                  f"{r['intensity']:6.0f} FLOP/B (ridge {r['ridge']:3.0f}), "
+                  f"{r['us_at_peak']:8.1f} us at H100 peak ({r['bound']})")  # fmt: skip
+    return out
 
 
 def bench_ms(fn, device: torch.device) -> float:
@@ -53,11 +100,11 @@ def providers(q, k, v, rows: int, device: torch.device) -> dict:
     (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
     v8 = rows_contiguous(v8)
     arch = _device.arch(device)
-    tiles = {n: t for n, t in TILES.items() if (n == "interpreter") == (arch is None)}
+    tiles = {n: t for n, t in TILES.items() if (n == "interpreter") == (arch is None) and (not t.tma or arch >= 90)}
     out = {}
-    for name, tile in tiles.items():
+    for name, tile in tiles.items():  # every tile, the launcher's and the candidates (TMA: 16-bit K/V only)
         out[f"triton-bf16-{name}"] = lambda tile=tile: ring_attention(q, k, v, valid, tile=tile)
-        if arch is None or arch >= 89:
+        if (arch is None or arch >= 89) and not tile.tma:
             out[f"triton-fp8-{name}"] = lambda tile=tile: ring_attention(q, k8, v8, valid, ks, vs, tile=tile)
     out["torch"] = lambda: ring_attention_ref(q, k, v, rows)  # sfpp.engine.ops' torch backend: SDPA over the prefix
     out["torch-fp8"] = lambda: ring_attention_ref(q, k8, v8, rows, ks, vs)  # dequantize the prefix, then SDPA
@@ -134,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = FRAME_TOKENS
+    lines = print_roofline(args.heads, args.chunk_frames * tokens, args.windows, args.head_dim, tokens)
     if device.type == "cpu":  # smoke run only: the interpreter proves the script works, not the speed
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print("no CUDA device: smoke run of our kernel at a tiny size through Triton's interpreter; nothing saved")
@@ -159,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "tflops": flops / ms / 1e9})  # fmt: skip
             print(f"window {window:3d} ({valid} keys) {name:26s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s")
     if device.type != "cuda":
-        return {"rows": rows}
-    results = {"heads": args.heads, "head_dim": args.head_dim, "dtype": "bfloat16", "rows": rows}
+        return {"rows": rows, "roofline": lines}
+    results = {"heads": args.heads, "head_dim": args.head_dim, "dtype": "bfloat16", "rows": rows, "roofline": lines}
     if not args.no_table:
         results["dispatch"] = record_dispatch(rows, device, Path(args.table) if args.table else None)
         print("dispatch table:", results["dispatch"])

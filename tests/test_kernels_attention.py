@@ -96,22 +96,26 @@ def rows_contiguous(x):
     return out
 
 
-@pytest.mark.parametrize("tile", ["hopper", "hopper_fp8", "ampere", "small"])
+@pytest.mark.parametrize("tile", [name for name in TILES if name != "interpreter"])
 def test_ring_attention_production_tiles(tile):
     """The GPU tile configurations (several query blocks, full key tiles and a ragged one), head dim 128, bf16 and
-    fp8 K/V."""
+    fp8 K/V (fp32 for the fp32 tile)."""
     g = torch.Generator(DEVICE).manual_seed(3)
     batch, lq, heads, d, rows = 1, 150, 2, 128, 300
-    q = torch.randn(batch, lq, heads, d, generator=g, device=DEVICE, dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, 400, heads, d, generator=g, device=DEVICE, dtype=torch.bfloat16) for _ in "kv")
+    dtype = torch.float32 if tile == "fp32" else torch.bfloat16
+    q = torch.randn(batch, lq, heads, d, generator=g, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(batch, 400, heads, d, generator=g, device=DEVICE, dtype=dtype) for _ in "kv")
     valid = torch.tensor(rows, device=DEVICE)
     ref = ring_attention_ref(q.double(), k.double(), v.double(), rows)
     if tile == "hopper_fp8":
         (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
         k8[:, rows:], v8[:, rows:] = float("nan"), float("nan")
         out = ring_attention(q, k8, rows_contiguous(v8), valid, ks, vs, tile=TILES[tile])
+        ref_dq = ring_attention_ref(q.double(), dequantize_fp8(k8, ks).double(), dequantize_fp8(v8, vs).double(), rows)
         rms = ref.pow(2).mean().sqrt().item()
-        assert (out.double() - ref).pow(2).mean().sqrt().item() < 0.07 * rms
+        # The products cost ~0.2% of the output (Q and P as two fp8 terms); the cache's own rounding ~3.7%
+        assert (out.double() - ref_dq).pow(2).mean().sqrt().item() < 0.01 * rms
+        assert (out.double() - ref).pow(2).mean().sqrt().item() < 0.05 * rms
         return
     k[:, rows:], v[:, rows:] = float("nan"), float("nan")
     out = ring_attention(q, k, v, valid, tile=TILES[tile])
@@ -147,9 +151,9 @@ def test_valid_rows_is_read_on_the_device():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sink", [0, 2])
 def test_ring_attention_fp8_kv(dtype, sink):
-    """fp8 K/V on fp8 tensor cores (Q and P quantized in-kernel), V's rows contiguous as the cache stores them:
-    within a stated bound of "dequantize, then the reference" and of the unquantized result, over fill levels and
-    two wraps."""
+    """fp8 K/V on fp8 tensor cores (Q and P quantized in-kernel, two fp8 terms each), V's rows contiguous as the
+    cache stores them: within a stated bound of "dequantize, then the reference" and of the unquantized result, over
+    fill levels and two wraps."""
     g = torch.Generator(DEVICE).manual_seed(sink)
     batch, heads, d, tokens, window, chunk = 2, 2, 32, 4, 4, 2
     cfg = WanConfig(dim=heads * d, num_heads=heads, num_layers=1)
@@ -170,8 +174,8 @@ def test_ring_attention_fp8_kv(dtype, sink):
         ref_dq = ring_attention_ref(q.double(), k_dq, v_dq, rows)
         ref = ring_attention_ref(q.double(), kv.k.double(), kv.v.double(), rows)
         rms = ref.pow(2).mean().sqrt().item()
-        assert (out.double() - ref_dq).pow(2).mean().sqrt().item() < 0.05 * rms
-        assert (out.double() - ref).pow(2).mean().sqrt().item() < 0.07 * rms
+        assert (out.double() - ref_dq).pow(2).mean().sqrt().item() < 0.01 * rms
+        assert (out.double() - ref).pow(2).mean().sqrt().item() < 0.05 * rms
         assert max_err(out, ref) < 0.25 * ref.abs().max().item()
         fp8.advance(chunk)
         full.advance(chunk)
