@@ -50,6 +50,10 @@ def steps(smoke: bool, out: Path) -> list[Step]:
             Step("decoders", ("bench.bench_decoders", "--height", "2", "--width", "2", "--chunks", "1", *o), 120),
             Step("memory", ("bench.bench_memory", "--config", "tiny", "--height", "32", "--width", "32",
                             "--vae-base-dim", "8", "--chunks", "2", *o), 120),  # fmt: skip
+            # One prompt over two windows gates nothing (its noise floor is the whole signal): bounds that only
+            # check the step runs end to end.
+            Step("fp8_horizon", ("train.fp8_horizon", "--prompts", "1", "--multiple", "2", "--margin", "10",
+                                 "--clip-margin", "1", "--out", str(out / "fp8_horizon")), 120),  # fmt: skip
         ]
     gpu_tests = ("tests/test_gpu.py", "tests/test_graph.py", "tests/test_csrc.py", "tests/test_kernels_model.py",
                  *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_kernels_*.py"))))  # fmt: skip
@@ -66,6 +70,8 @@ def steps(smoke: bool, out: Path) -> list[Step]:
         Step("decoders", ("bench.bench_decoders", *o), 180),
         # The memory model's plan against the allocator's peak, per memory mode (Wan2.1-1.3B, 832x480, window 21).
         Step("memory", ("bench.bench_memory", *o), 150),
+        # fp8 KV through the GPU's kernels against bf16 KV, 60x the shipped toy model's horizon (the long-horizon gate).
+        Step("fp8_horizon", ("train.fp8_horizon", "--out", str(out / "fp8_horizon")), 240),
     ]
 
 

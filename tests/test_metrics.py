@@ -104,3 +104,23 @@ def test_evaluate_the_shipped_models_and_restamp_their_tables(tmp_path, monkeypa
         new = (tmp_path / name / "MODEL_CARD.md").read_text()
         head = old[: old.index(ship.EVAL_HEADER)]
         assert new.startswith(head) and new.endswith(table_md) and "Pixel change / world" in new
+
+
+def test_fp8_horizon_gate_bounds_and_noise_floor(tmp_path):
+    from train.fp8_horizon import gate
+    from train.fp8_horizon import main as fp8_main
+
+    ref = {"luminance": [0.5, 0.5], "pixel_change": [0.01, 0.01], "clipped": [0.01, 0.01]}
+    near = {"luminance": [0.51, 0.5], "pixel_change": [0.0102, 0.01], "clipped": [0.012, 0.01]}
+    far = {"luminance": [0.5, 0.6], "pixel_change": [0.01, 0.01], "clipped": [0.01, 0.03]}
+    assert gate(ref, near, ref, 0.05, 0.005)["passed"]
+    failed = gate(ref, far, ref, 0.05, 0.005)
+    assert not failed["passed"] and not failed["luminance_ok"] and not failed["clipped_ok"]
+    assert failed["pixel_change_ok"]
+    assert failed["fp8"]["luminance"] == pytest.approx(0.2) and failed["fp8"]["clipped"] == pytest.approx(0.02)
+    assert gate(ref, far, far, 0.05, 0.005)["passed"]  # no further than another seed: invisible in these means
+    code = fp8_main(["--out", str(tmp_path), "--prompts", "1", "--multiple", "2"])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert code == (0 if result["gate"]["passed"] else 1) and set(result["windows"]) == {
+        "reference", "fp8", "reference, seed 1"}  # fmt: skip
+    assert len(result["windows"]["fp8"]["luminance"]) == 2 and "| fp8 |" in (tmp_path / "table.md").read_text()
