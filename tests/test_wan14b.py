@@ -2,13 +2,11 @@
 width) loading from Wan's original layout, the diffusers layout and a Self-Forcing-format student checkpoint. The
 real 14B is checked on the meta device only (no weights)."""
 
-import json
 from dataclasses import replace
 
 import pytest
 import torch
 from conftest import randomize_
-from safetensors.torch import save_file
 
 from sfpp.models.checkpoint import CheckpointError
 from sfpp.models.dit import CONFIGS, WanConfig, WanModel
@@ -19,8 +17,8 @@ from sfpp.pipeline import Pipeline, StreamSettings
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from test_umt5 import DIM as T5_DIM  # noqa: E402
-from test_umt5 import make_tokenizer, wan_t5_state_dict  # noqa: E402
-from test_wan_loading import assert_same_weights, wan_config_json, write_diffusers_layout  # noqa: E402
+from test_umt5 import wan_t5_state_dict  # noqa: E402
+from test_wan_loading import assert_same_weights, write_diffusers_layout, write_wan_layout  # noqa: E402
 
 # Wan2.1-T2V-14B's config.json, and its diffusers transformer/config.json (Wan-AI/Wan2.1-T2V-14B(-Diffusers)).
 WAN_14B_CONFIG = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 5120, "eps": 1e-06,
@@ -57,14 +55,7 @@ def parts():
 
 @pytest.fixture(scope="module")
 def wan_dir(parts, tmp_path_factory):
-    dit, vae, t5 = parts
-    d = tmp_path_factory.mktemp("Wan2.1-T2V-14B-standin")
-    (d / "config.json").write_text(json.dumps(wan_config_json(CFG)))
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(d / "diffusion_pytorch_model.safetensors"))
-    torch.save(vae.state_dict(), d / "Wan2.1_VAE.pth")
-    torch.save(t5, d / "models_t5_umt5-xxl-enc-bf16.pth")
-    make_tokenizer(d / "google" / "umt5-xxl")
-    return d
+    return write_wan_layout(tmp_path_factory.mktemp("Wan2.1-T2V-14B-standin"), CFG, *parts)
 
 
 def test_14b_layout_from_wan_diffusers_and_a_student(parts, wan_dir, tmp_path):

@@ -46,9 +46,13 @@ def parts():
 
 @pytest.fixture(scope="module")
 def wan_dir(parts, tmp_path_factory):
-    dit, vae, t5 = parts
-    d = tmp_path_factory.mktemp("Wan2.1-T2V-tiny")
-    (d / "config.json").write_text(json.dumps(wan_config_json(CFG)))
+    return write_wan_layout(tmp_path_factory.mktemp("Wan2.1-T2V-tiny"), CFG, *parts)
+
+
+def write_wan_layout(d, cfg, dit, vae, t5):
+    """Wan's original directory layout in `d`: config.json, the DiT's safetensors, the VAE's and umT5's .pth files
+    and the tokenizer."""
+    (d / "config.json").write_text(json.dumps(wan_config_json(cfg)))
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(d / "diffusion_pytorch_model.safetensors"))
     torch.save(vae.state_dict(), d / "Wan2.1_VAE.pth")
     torch.save(t5, d / "models_t5_umt5-xxl-enc-bf16.pth")

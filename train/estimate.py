@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sfpp.benchmark import record
 from sfpp.models.dit import WanConfig, WanModel, get_config
 from train.common import Dist
 from train.config import DMDConfig, GRPOConfig, ODEConfig, Recipe, TeacherConfig, get_recipe
@@ -488,15 +488,6 @@ def rows_block_gib(measured: dict, recipe: Recipe) -> float:
     return measured["extended"]["bytes_per_token_layer_width"] * tokens * WAN.dim / GiB
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.estimate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -511,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as run:
         measured = measure(Path(run))
-    text, data = report(measured, args.mfu, args.lora_rank, _commit())
+    text, data = report(measured, args.mfu, args.lora_rank, record.commit())
     out.mkdir(parents=True, exist_ok=True)
     (out / "estimate.md").write_text(text)
     (out / "estimate.json").write_text(json.dumps({"measured_small": measured, "computed_1.3B": data}, indent=2) + "\n")
