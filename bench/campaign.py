@@ -50,6 +50,8 @@ def steps(smoke: bool, out: Path) -> list[Step]:
             Step("decoders", ("bench.bench_decoders", "--height", "2", "--width", "2", "--chunks", "1", *o), 120),
             Step("memory", ("bench.bench_memory", "--config", "tiny", "--height", "32", "--width", "32",
                             "--vae-base-dim", "8", "--chunks", "2", *o), 120),  # fmt: skip
+            Step("flashdreams", ("bench.bench_flashdreams", "--config", "tiny", "--height", "32", "--width", "32",
+                                 "--window", "6", "--warmup", "2", "--chunks", "2", *o), 120),  # fmt: skip
             # One prompt over two windows gates nothing (its noise floor is the whole signal): bounds that only
             # check the step runs end to end.
             Step("fp8_horizon", ("train.fp8_horizon", "--prompts", "1", "--multiple", "2", "--margin", "10",
@@ -68,6 +70,8 @@ def steps(smoke: bool, out: Path) -> list[Step]:
                      "--long-frames", "900", *o), 240),  # fmt: skip
         # Tiny decoder (TAEHV) vs the Wan VAE decoder, ms per 3-latent-frame chunk at 832x480, bf16.
         Step("decoders", ("bench.bench_decoders", *o), 180),
+        # FlashDreams' Self-Forcing chunk step beside sfpp's in one process (needs its wheel installed, see --help).
+        Step("flashdreams", ("bench.bench_flashdreams", *o), 300),
         # The memory model's plan against the allocator's peak, per memory mode (Wan2.1-1.3B, 832x480, window 21).
         Step("memory", ("bench.bench_memory", *o), 150),
         # fp8 KV through the GPU's kernels against bf16 KV, 60x the shipped toy model's horizon (the long-horizon gate).

@@ -24,6 +24,7 @@ WRITERS = {
     "bench.bench_ring_attention": ["bench/results", "sfpp/engine/dispatch_table.json"],
     "bench.bench_decoders": ["bench/results"],
     "bench.bench_memory": ["bench/results"],
+    "bench.bench_flashdreams": ["bench/results"],
     "bench.bench_serve": ["bench/results"],
     "bench.bench_api_cli": ["bench/results"],
     "bench.bench_serve_load": ["bench/results"],
