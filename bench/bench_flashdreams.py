@@ -2,8 +2,9 @@
 at the same shape, steps and window, on random weights of the real size: the ratio is measured, not quoted.
 
     python -m bench.bench_flashdreams                          # GPU: Wan2.1-1.3B, 832x480, window 21, bf16
-    pip download flashdreams==0.1.0 -d .wheels                 # here, before a GPU run: carry .wheels there and
-    pip install --no-index --find-links .wheels flashdreams    # install it there (no package index on that machine)
+    pip download flashdreams==0.1.0 -d .wheels                 # here, before a GPU run; then delete the torch,
+    rm .wheels/torch-* .wheels/triton-* .wheels/nvidia_*       # triton and nvidia wheels (the GPU machine's own),
+    pip install --no-index --find-links .wheels flashdreams    # and install it there (no package index there)
 
 One chunk = 3 latent frames, 4 denoising passes and the context pass over a 21-frame KV window. sfpp: the chunk
 runner with CUDA graphs and the dispatch table's kernels (what `Pipeline` runs on a GPU). FlashDreams: its
