@@ -42,15 +42,18 @@ class _Eval(Stage):
     """Borrows a stage's helpers (codec, text, cache) without training anything."""
 
     name = "eval"
-    shipped = False
 
     def setup(self) -> None:
-        if self.shipped:
-            from sfpp.pipeline import Pipeline
+        self.text = self.frozen_text()
 
-            self.text = Pipeline.from_pretrained(SHIPPED["Self-Forcing++"]).text_encoder.to(self.device).eval()
-        else:
-            self.text = self.frozen_text()
+
+class _ShippedEval(_Eval):
+    """The same, with the shipped models' text encoder (a run directory need not exist)."""
+
+    def setup(self) -> None:
+        from sfpp.pipeline import Pipeline
+
+        self.text = Pipeline.from_pretrained(SHIPPED["Self-Forcing++"]).text_encoder.to(self.device).eval()
 
 
 @torch.no_grad()
@@ -63,8 +66,7 @@ def evaluate(
     seeds: tuple[int, ...] = EVAL_SEEDS,
     shipped: bool = False,
 ) -> dict:
-    _Eval.shipped = shipped
-    helper = _Eval(recipe, out, Dist(device=device))
+    helper = (_ShippedEval if shipped else _Eval)(recipe, out, Dist(device=device))
     k, fpc = recipe.horizon, recipe.frames_per_chunk
     teacher = None if shipped else helper.frozen_teacher()
     students = {}

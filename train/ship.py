@@ -60,11 +60,7 @@ def ship_all(recipe: Recipe, out: Path, readme: Path | None = README, checkout: 
     new_readme = None
     table = out / "eval" / "table.md"
     if readme is not None and readme.is_file() and table.is_file():
-        text = readme.read_text()
-        begin, end = text.find(README_BEGIN), text.find(README_END)
-        if begin < 0 or end < begin:
-            raise ShipError(f"{readme} has no {README_BEGIN} ... {README_END} block for the evaluation table")
-        new_readme = text[: begin + len(README_BEGIN)] + "\n" + table.read_text() + text[end:]
+        new_readme = _readme_with_table(readme, table.read_text())
     staged = {}
     try:  # write everything beside its target first: nothing of the old models is touched until all is written
         for name, stage in SHIPPED_STAGES.items():
@@ -184,6 +180,15 @@ generates one horizon (it does not ship: an evaluation of the shipped models lea
 {table}"""
 
 
+def _readme_with_table(readme: Path, table: str) -> str:
+    """The README's text with `table` in its generated evaluation block."""
+    text = readme.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ShipError(f"{readme} has no {README_BEGIN} ... {README_END} block for the evaluation table")
+    return text[: begin + len(README_BEGIN)] + "\n" + table + text[end:]
+
+
 def restamp_tables(recipe: Recipe, eval_dir: Path, readme: Path = README, checkout: Path = CHECKOUT) -> None:
     """Write `train.evaluate`'s table of the shipped models (`--shipped`) into the README's block and each shipped
     model card's evaluation section, leaving the weights and the rest of each card as they are."""
@@ -191,11 +196,7 @@ def restamp_tables(recipe: Recipe, eval_dir: Path, readme: Path = README, checko
     table = (eval_dir / "table.md").read_text()
     meta = json.loads((eval_dir / "results.json").read_text())
     command = f"python -m train.evaluate --shipped --out {eval_dir.parent}"
-    text = readme.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        raise ShipError(f"{readme} has no {README_BEGIN} ... {README_END} block for the evaluation table")
-    files = {readme: text[: begin + len(README_BEGIN)] + "\n" + table + text[end:]}
+    files = {readme: _readme_with_table(readme, table)}
     for name in SHIPPED_STAGES:
         card = SHIPPED_MODELS[name] / "MODEL_CARD.md"
         old = card.read_text()

@@ -60,8 +60,8 @@ def memory_table(args: argparse.Namespace) -> int:
 
     if args.window < 1 or args.batch_size < 1:
         raise ValueError(f"--window and --batch-size must be at least 1, got {args.window} and {args.batch_size}")
-    if args.ranks < 1 or get_config(args.config).num_heads % args.ranks:
-        heads = get_config(args.config).num_heads
+    heads = get_config(args.config).num_heads
+    if args.ranks < 1 or heads % args.ranks:
         raise ValueError(f"--ranks must divide the {heads} heads of {args.config}, got {args.ranks}")
     print(table(args.config, window=args.window, batch_size=args.batch_size, parallel=args.ranks))
     return 0

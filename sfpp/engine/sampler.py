@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ class FlowMatchSchedule:
         s = step / self.num_train_timesteps
         return self.shift * s / (1 + (self.shift - 1) * s)
 
-    @property
+    @cached_property  # the unwarped table is 1000 entries: built once per schedule, not once per chunk
     def sigmas(self) -> list[float]:
         if self.warp:
             return [self.sigma(s) for s in self.denoising_steps]
@@ -51,7 +52,7 @@ class FlowMatchSchedule:
         table = [self.sigma(n - i) for i in range(n)]
         return [min(table, key=lambda sigma: abs(n * sigma - step)) for step in self.denoising_steps]
 
-    @property
+    @cached_property
     def timesteps(self) -> list[float]:
         """What the model is given at each step."""
         if self.warp:
