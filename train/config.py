@@ -165,6 +165,22 @@ RECIPES: dict[str, Recipe] = {
         extended=extended_dmd(steps=200, guidance=2.0),
         checkpoint_blocks=0,
     ),
+    # Issue 20's next toy: the same world and model, a teacher horizon K of 6 latent frames against the students'
+    # 12-frame window (Self-Forcing never sees a full window; Self-Forcing++'s long rollouts do), and a teacher
+    # trained 4x longer than toy's (its samples' flicker was still falling at 3000 steps).
+    "toy-k6": Recipe(
+        "toy-k6",
+        TOY_MODEL,
+        TOY_TEXT,
+        shift=3.0,
+        horizon=6,
+        window=12,
+        teacher=TeacherConfig(steps=12000),
+        self_forcing=DMDConfig(steps=200, guidance=2.0, rollout_frames=6),
+        extended=extended_dmd(steps=200, guidance=2.0),
+        checkpoint_blocks=0,
+        ckpt_every=500,
+    ),
     "smoke": Recipe(
         "smoke",
         replace(TOY_MODEL, dim=32, ffn_dim=64, num_heads=2, num_layers=1),

@@ -1,0 +1,132 @@
+"""The teacher's samples while it trains: every checkpoint of a run's teacher stage (its EMA weights, as the stage
+ships them) samples the evaluation prompts with the ODE the students are distilled from (Euler, CFG), and each
+sample is measured one horizon long against the world's own clip of the same prompt, as `train.evaluate` measures
+the students: pixel change (flicker) and object speed over the world's, objects present as one blob, blobs per
+object, clipped channels, fidelity, chunk seams. Issue 20 asks for a good teacher before any distillation: this is
+where to see whether it is one.
+
+python -m train.teacher_curve --recipe toy-k6 --out runs/toy-k6 --guidance 1,2,3          # the checkpoints there now
+python -m train.teacher_curve --recipe toy-k6 --out runs/toy-k6 --watch                    # ... and each new one
+
+Writes <out>/teacher/curve.json (one row per step and guidance; rows already there are kept)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sfpp.models.checkpoint import load_file
+from sfpp.models.dit import WanModel
+from sfpp.models.text import ByteTextEncoder
+from train import rollout as R
+from train.config import RECIPES, Recipe
+from train.evaluate import EVAL_SEEDS, METRICS, RELATIVE, _gen, _mean
+from train.metrics import window_metrics
+from train.stages import world_codec
+from train.world import eval_specs, frames_uint8, render
+
+
+def checkpoints(out: Path) -> dict[int, Path]:
+    """Teacher checkpoints of a run by step: ckpt/step_N folders, and final/ (as the step it ended at)."""
+    found = {int(p.name.removeprefix("step_")): p for p in (out / "teacher" / "ckpt").glob("step_*") if p.is_dir()}
+    final = out / "teacher" / "final"
+    if (final / "DONE").is_file():
+        steps = len(json.loads((final / "metrics.json").read_text())["history"])
+        found[steps] = final
+    return found
+
+
+def load_teacher(recipe: Recipe, folder: Path) -> tuple[WanModel, ByteTextEncoder]:
+    """The EMA teacher and its text encoder, from a checkpoint folder (ema.safetensors) or final/."""
+    teacher, text = WanModel(recipe.model), ByteTextEncoder(recipe.text)
+    weights = folder / ("ema.safetensors" if (folder / "ema.safetensors").is_file() else "teacher.safetensors")
+    teacher.load_state_dict(load_file(weights))
+    text.load_state_dict(load_file(folder / "text.safetensors"))
+    return teacher.eval(), text.eval()
+
+
+@torch.no_grad()
+def measure(
+    recipe: Recipe, teacher: WanModel, text: ByteTextEncoder, guidance: float, prompts: int, seeds: tuple[int, ...]
+) -> dict[str, list[float]]:
+    """Mean and spread over evaluation seeds of each metric at 1x (relative ones over the world's)."""
+    codec, k = world_codec(recipe), recipe.horizon
+    per_seed: dict[str, list[float]] = {}
+    for seed in seeds:
+        specs = eval_specs(seed, prompts)
+        world = frames_uint8(torch.stack([render(s, k, recipe.frame_size) for s in specs])).numpy()
+        ctx = text(text.tokenize([s.prompt() for s in specs]))
+        uncond = text(text.tokenize([recipe.negative_prompt] * prompts))
+        noise = R.randn((prompts, recipe.model.in_channels, k, *recipe.latent_hw), _gen(seed), torch.device("cpu"))
+        x0, _ = R.teacher_ode(
+            teacher, noise, ctx, uncond, guidance=guidance, steps=recipe.ode.euler_steps, shift=recipe.shift
+        )
+        video = codec.decode_frames(x0).numpy()
+        ours = [window_metrics(v, s, recipe.frames_per_chunk) for v, s in zip(video, specs, strict=True)]
+        theirs = [window_metrics(w, s, recipe.frames_per_chunk) for w, s in zip(world, specs, strict=True)]
+        for m in METRICS:
+            if m == "colour_drift":  # one window: nothing to drift from
+                continue
+            value = _mean([o[m] for o in ours])
+            if m in RELATIVE:
+                value /= max(_mean([t[m] for t in theirs]), 1e-9)
+            per_seed.setdefault(f"{m}/world" if m in RELATIVE else m, []).append(value)
+    return {m: [_mean(v), float(np.nanstd(v))] for m, v in per_seed.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m train.teacher_curve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--recipe", default="toy", choices=sorted(r for r, v in RECIPES.items() if not v.wan))
+    p.add_argument("--out", required=True, help="the run directory whose teacher stage is measured")
+    p.add_argument("--guidance", default="2", help="CFG scales to sample at, comma-separated (default: 2)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per evaluation seed (default: 16)")
+    p.add_argument("--seeds", type=int, default=len(EVAL_SEEDS), help="evaluation seeds (default: 3)")
+    p.add_argument("--watch", action="store_true", help="keep measuring new checkpoints until the stage is done")
+    args = p.parse_args(argv)
+    try:
+        guidance = [float(g) for g in args.guidance.split(",")]
+    except ValueError:
+        p.error(f"--guidance takes numbers separated by commas, got {args.guidance!r}")
+    if args.prompts < 1 or args.seeds < 1:
+        p.error("--prompts and --seeds must be positive")
+    recipe, out = RECIPES[args.recipe], Path(args.out)
+    if not (out / "teacher").is_dir():
+        p.error(f"{out / 'teacher'} does not exist: run `python -m train teacher --recipe {args.recipe} --out {out}`")
+    torch.set_num_threads(1)
+    path = out / "teacher" / "curve.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    while True:
+        finished = (out / "teacher" / "final" / "DONE").is_file()  # read before the pass: the final one is measured
+        done = {(r["step"], r["guidance"]) for r in rows}
+        for step, folder in sorted(checkpoints(out).items()):
+            for g in guidance:
+                if (step, g) in done:
+                    continue
+                try:
+                    teacher, text = load_teacher(recipe, folder)
+                except FileNotFoundError:  # pruned by the training run while we read it: the next one comes
+                    continue
+                row = {"step": step, "guidance": g, **measure(recipe, teacher, text, g, args.prompts,
+                                                             tuple(range(args.seeds)))}  # fmt: skip
+                rows.append(row)
+                print(json.dumps({k: v if not isinstance(v, list) else round(v[0], 3) for k, v in row.items()}),
+                      flush=True)  # fmt: skip
+                meta = {"recipe": args.recipe, "prompts_per_seed": args.prompts, "seeds": args.seeds,
+                        "euler_steps": recipe.ode.euler_steps, "shift": recipe.shift, "horizon": recipe.horizon,
+                        "values": "[mean, std over seeds]; <metric>/world: over the world's, same prompts"}  # fmt: skip
+                path.write_text(json.dumps({**meta, "rows": sorted(rows, key=lambda r: (r["step"], r["guidance"]))},
+                                           indent=1))  # fmt: skip
+        if not args.watch or finished:
+            return
+        time.sleep(30)
+
+
+if __name__ == "__main__":
+    main()
