@@ -475,3 +475,27 @@ def test_lora_trains_only_adapters_and_the_merge_is_the_adapted_rollout(smoke_ru
     adapted, plain, original = videos
     torch.testing.assert_close(plain, adapted, rtol=1e-4, atol=1e-4)
     assert float((original - adapted).abs().max()) > 100 * float((plain - adapted).abs().max())
+
+
+def test_teacher_curve_measures_every_checkpoint_once(smoke_run, tmp_path):
+    """`python -m train.teacher_curve` samples each teacher checkpoint and the final teacher against the world; a
+    second call adds only what is new, and a run without a teacher stage is a one-line error."""
+    from train import teacher_curve
+
+    recipe, out, _ = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(out / "teacher", run / "teacher")
+    args = ["--recipe", "smoke", "--out", str(run), "--prompts", "2", "--seeds", "1", "--guidance", "1,2"]
+    teacher_curve.main(args)
+    rows = __import__("json").loads((run / "teacher" / "curve.json").read_text())["rows"]
+    steps = sorted(teacher_curve.checkpoints(run))
+    assert steps == [2, 4] and [(r["step"], r["guidance"]) for r in rows] == [(s, g) for s in steps for g in (1.0, 2.0)]
+    for row in rows:
+        assert np.isfinite(row["pixel_change/world"][0]) and row["pixel_change/world"][0] > 0
+        assert 0 <= row["presence"][0] <= 1 and 0 <= row["clipped"][0] <= 1
+    teacher_curve.main([*args[:-1], "2,3"])  # guidance 2 is there already: only 3 is sampled
+    again = __import__("json").loads((run / "teacher" / "curve.json").read_text())["rows"]
+    assert len(again) == 6 and again[:2] == rows[:2]
+    with pytest.raises(SystemExit) as refused:
+        teacher_curve.main(["--recipe", "smoke", "--out", str(tmp_path / "nothing")])
+    assert refused.value.code == 2

@@ -76,7 +76,8 @@ def measure(
             if m in RELATIVE:
                 value /= max(_mean([t[m] for t in theirs]), 1e-9)
             per_seed.setdefault(f"{m}/world" if m in RELATIVE else m, []).append(value)
-    return {m: [_mean(v), float(np.nanstd(v))] for m, v in per_seed.items()}
+    finite = {m: [x for x in v if np.isfinite(x)] for m, v in per_seed.items()}  # objects never seen twice: NaN
+    return {m: [_mean(v), float(np.std(v)) if v else float("nan")] for m, v in finite.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
