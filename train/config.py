@@ -176,6 +176,7 @@ RECIPES: dict[str, Recipe] = {
         horizon=6,
         window=12,
         teacher=TeacherConfig(steps=12000),
+        ode=ODEConfig(guidance=2.0),  # the real score's: CFG 3 teacher samples changed ~20% more per frame than CFG 2
         self_forcing=DMDConfig(steps=200, guidance=2.0, rollout_frames=6),
         extended=extended_dmd(steps=200, guidance=2.0),
         checkpoint_blocks=0,
