@@ -150,33 +150,22 @@ TOY_MODEL = WanConfig(
 TOY_TEXT = ByteTextEncoderConfig(text_dim=64, text_len=32, num_layers=2, num_heads=2, tokenizer="words")
 
 RECIPES: dict[str, Recipe] = {
-    # The shipped toy model. Shift 3: the teacher's 32-step samples scored 0.264 fidelity at shift 3 against 0.228 at
-    # shift 1 after 2500 steps (16 prompts). DMD's real score at CFG 2: this teacher at CFG 1.5 / 2 / 3 scored
-    # fidelity 0.31 / 0.33 / 0.29 with 0.3% / 0.7% / 2.1% clipped channels, and a DMD student at CFG 3 clipped 5%
-    # (16 prompts of eval seed 1). DMD stages: 200 generator updates each (what fits a CPU session with both run
-    # side by side). No activation checkpointing: it changes no number, only memory.
+    # The shipped toy models. Shift 3: the first teacher's 32-step samples scored 0.264 fidelity at shift 3 against
+    # 0.228 at shift 1. A teacher horizon K of 6 latent frames against the students' 12-frame window: Self-Forcing never
+    # sees a full window, Self-Forcing++'s long rollouts do (issue 20's failure past K; 12-frame clips only cost time).
+    # The teacher trains 12000 steps: its samples' flicker and fidelity plateau from ~5000
+    # (train/results/toy/teacher_study.md). CFG 2 for the ODE trajectories and the real score: CFG 3 samples changed
+    # ~20% more per frame and clipped more. 200 generator updates per DMD stage; no activation checkpointing (it
+    # changes no number, only memory).
     "toy": Recipe(
         "toy",
-        TOY_MODEL,
-        TOY_TEXT,
-        shift=3.0,
-        teacher=TeacherConfig(steps=3000),
-        self_forcing=DMDConfig(steps=200, guidance=2.0),
-        extended=extended_dmd(steps=200, guidance=2.0),
-        checkpoint_blocks=0,
-    ),
-    # Issue 20's next toy: the same world and model, a teacher horizon K of 6 latent frames against the students'
-    # 12-frame window (Self-Forcing never sees a full window; Self-Forcing++'s long rollouts do), and a teacher
-    # trained 4x longer than toy's (its samples' flicker was still falling at 3000 steps).
-    "toy-k6": Recipe(
-        "toy-k6",
         TOY_MODEL,
         TOY_TEXT,
         shift=3.0,
         horizon=6,
         window=12,
         teacher=TeacherConfig(steps=12000),
-        ode=ODEConfig(guidance=2.0),  # the real score's: CFG 3 teacher samples changed ~20% more per frame than CFG 2
+        ode=ODEConfig(guidance=2.0),
         self_forcing=DMDConfig(steps=200, guidance=2.0, rollout_frames=6),
         extended=extended_dmd(steps=200, guidance=2.0),
         checkpoint_blocks=0,

@@ -5,8 +5,8 @@ the students: pixel change (flicker) and object speed over the world's, objects 
 object, clipped channels, fidelity, chunk seams. Issue 20 asks for a good teacher before any distillation: this is
 where to see whether it is one.
 
-python -m train.teacher_curve --recipe toy-k6 --out runs/toy-k6 --guidance 1,2,3          # the checkpoints there now
-python -m train.teacher_curve --recipe toy-k6 --out runs/toy-k6 --watch                    # ... and each new one
+python -m train.teacher_curve --recipe toy --out runs/toy --guidance 1,2,3          # the checkpoints there now
+python -m train.teacher_curve --recipe toy --out runs/toy --watch                    # ... and each new one
 
 Writes <out>/teacher/curve.json (one row per step and guidance; rows already there are kept)."""
 
