@@ -1,4 +1,4 @@
-"""Long-horizon evaluation: roll each model out to 1x, 5x, 20x and 60x the teacher horizon, over several evaluation seeds
+"""Long-horizon evaluation: roll each model out to 1x, 5x, 20x and 60x the teacher horizon, over several seeds
 (each its own prompts and noise), and measure window by window, against the world's ground truth on the same prompts:
 flicker (pixel change next to the objects' own motion), the prompted objects (present as one blob of their size, blobs
 per object, speed), exposure, clipping, colour drift from the rollout's first window, chunk seams and fidelity.
