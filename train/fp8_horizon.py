@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from sfpp.pipeline import Pipeline
+from train.config import RECIPES
 from train.metrics import colour_drift, window_metrics
 from train.world import eval_specs
 
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default", help="a model directory or shipped name (default: the shipped one)")
     p.add_argument("--out", required=True)
     p.add_argument("--prompts", type=int, default=8, help="prompts of evaluation seed 0 (default: 8)")
-    p.add_argument("--horizon", type=int, default=12, help="the teacher's horizon in frames (the toy world's: 12)")
+    p.add_argument("--horizon", type=int, default=RECIPES["toy"].horizon,
+                   help="the teacher's horizon in frames (default: the toy recipe's)")  # fmt: skip
     p.add_argument("--multiple", type=int, default=60, help="roll out to this many horizons (default: 60)")
     p.add_argument("--margin", type=float, default=0.05, help="relative bound on luminance and pixel change")
     p.add_argument("--clip-margin", type=float, default=0.005, help="absolute bound on the clipped share")
