@@ -491,8 +491,8 @@ def test_teacher_curve_measures_every_checkpoint_once(smoke_run, tmp_path):
     steps = sorted(teacher_curve.checkpoints(run))
     assert steps == [2, 4] and [(r["step"], r["guidance"]) for r in rows] == [(s, g) for s in steps for g in (1.0, 2.0)]
     for row in rows:
-        assert np.isfinite(row["pixel_change/world"][0]) and row["pixel_change/world"][0] > 0
-        assert 0 <= row["presence"][0] <= 1 and 0 <= row["clipped"][0] <= 1
+        assert np.isfinite(row["pixel_change/world@1x"][0]) and row["pixel_change/world@1x"][0] > 0
+        assert 0 <= row["presence@1x"][0] <= 1 and 0 <= row["clipped@1x"][0] <= 1
     teacher_curve.main([*args[:-1], "2,3"])  # guidance 2 is there already: only 3 is sampled
     again = __import__("json").loads((run / "teacher" / "curve.json").read_text())["rows"]
     assert len(again) == 6 and again[:2] == rows[:2]

@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sfpp.models.checkpoint import load_file
@@ -25,8 +24,7 @@ from sfpp.models.dit import WanModel
 from sfpp.models.text import ByteTextEncoder
 from train import rollout as R
 from train.config import RECIPES, Recipe
-from train.evaluate import EVAL_SEEDS, METRICS, RELATIVE, _gen, _mean
-from train.metrics import window_metrics
+from train.evaluate import EVAL_SEEDS, _gen, summarise, video_metrics
 from train.stages import world_codec
 from train.world import eval_specs, frames_uint8, render
 
@@ -54,9 +52,10 @@ def load_teacher(recipe: Recipe, folder: Path) -> tuple[WanModel, ByteTextEncode
 def measure(
     recipe: Recipe, teacher: WanModel, text: ByteTextEncoder, guidance: float, prompts: int, seeds: tuple[int, ...]
 ) -> dict[str, list[float]]:
-    """Mean and spread over evaluation seeds of each metric at 1x (relative ones over the world's)."""
-    codec, k = world_codec(recipe), recipe.horizon
-    per_seed: dict[str, list[float]] = {}
+    """`train.evaluate`'s summary at 1x: [mean, std] over the evaluation seeds of each metric (relative ones over
+    the world's on the same prompts)."""
+    codec, k, fpc = world_codec(recipe), recipe.horizon, recipe.frames_per_chunk
+    runs, worlds = [], []
     for seed in seeds:
         specs = eval_specs(seed, prompts)
         world = frames_uint8(torch.stack([render(s, k, recipe.frame_size) for s in specs])).numpy()
@@ -66,18 +65,9 @@ def measure(
         x0, _ = R.teacher_ode(
             teacher, noise, ctx, uncond, guidance=guidance, steps=recipe.ode.euler_steps, shift=recipe.shift
         )
-        video = codec.decode_frames(x0).numpy()
-        ours = [window_metrics(v, s, recipe.frames_per_chunk) for v, s in zip(video, specs, strict=True)]
-        theirs = [window_metrics(w, s, recipe.frames_per_chunk) for w, s in zip(world, specs, strict=True)]
-        for m in METRICS:
-            if m == "colour_drift":  # one window: nothing to drift from
-                continue
-            value = _mean([o[m] for o in ours])
-            if m in RELATIVE:
-                value /= max(_mean([t[m] for t in theirs]), 1e-9)
-            per_seed.setdefault(f"{m}/world" if m in RELATIVE else m, []).append(value)
-    finite = {m: [x for x in v if np.isfinite(x)] for m, v in per_seed.items()}  # objects never seen twice: NaN
-    return {m: [_mean(v), float(np.std(v)) if v else float("nan")] for m, v in finite.items()}
+        runs.append(video_metrics(codec.decode_frames(x0).numpy(), specs, k, fpc))
+        worlds.append(video_metrics(world, specs, k, fpc))
+    return summarise(runs, worlds, (1,))["summary"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)  # fmt: skip
                 meta = {"recipe": args.recipe, "prompts_per_seed": args.prompts, "seeds": args.seeds,
                         "euler_steps": recipe.ode.euler_steps, "shift": recipe.shift, "horizon": recipe.horizon,
-                        "values": "[mean, std over seeds]; <metric>/world: over the world's, same prompts"}  # fmt: skip
+                        "values": "train.evaluate's summary at 1x: [mean, std over seeds]"}  # fmt: skip
                 path.write_text(json.dumps({**meta, "rows": sorted(rows, key=lambda r: (r["step"], r["guidance"]))},
                                            indent=1))  # fmt: skip
         if not args.watch or finished:
