@@ -1,6 +1,7 @@
 """The training stack on the `smoke` recipe: the world, the codec, resumable and crash-safe checkpoints, rollouts
 that carry gradients only where they should, two-process training with identical weights, and the Wan recipe."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -328,7 +329,6 @@ def test_two_process_training_keeps_ranks_identical(tmp_path):
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert {**tree_digest(SHIPPED_MODELS["default"].parent), **tree_digest(README)} == before
-    import json
 
     for stage in ("teacher", "ode", "dmd", "extended", "grpo"):
         metrics = json.loads((tmp_path / "run" / stage / "final" / "metrics.json").read_text())
@@ -487,14 +487,14 @@ def test_teacher_curve_measures_every_checkpoint_once(smoke_run, tmp_path):
     shutil.copytree(out / "teacher", run / "teacher")
     args = ["--recipe", "smoke", "--out", str(run), "--prompts", "2", "--seeds", "1", "--guidance", "1,2"]
     teacher_curve.main(args)
-    rows = __import__("json").loads((run / "teacher" / "curve.json").read_text())["rows"]
+    rows = json.loads((run / "teacher" / "curve.json").read_text())["rows"]
     steps = sorted(teacher_curve.checkpoints(run))
     assert steps == [2, 4] and [(r["step"], r["guidance"]) for r in rows] == [(s, g) for s in steps for g in (1.0, 2.0)]
     for row in rows:
         assert np.isfinite(row["pixel_change/world@1x"][0]) and row["pixel_change/world@1x"][0] > 0
         assert 0 <= row["presence@1x"][0] <= 1 and 0 <= row["clipped@1x"][0] <= 1
     teacher_curve.main([*args[:-1], "2,3"])  # guidance 2 is there already: only 3 is sampled
-    again = __import__("json").loads((run / "teacher" / "curve.json").read_text())["rows"]
+    again = json.loads((run / "teacher" / "curve.json").read_text())["rows"]
     assert len(again) == 6 and again[:2] == rows[:2]
     with pytest.raises(SystemExit) as refused:
         teacher_curve.main(["--recipe", "smoke", "--out", str(tmp_path / "nothing")])

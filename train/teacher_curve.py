@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
-from sfpp.models.checkpoint import load_file
 from sfpp.models.dit import WanModel
 from sfpp.models.text import ByteTextEncoder
-from train import rollout as R
 from train.config import RECIPES, Recipe
-from train.evaluate import EVAL_SEEDS, _gen, summarise, video_metrics
-from train.stages import world_codec
+from train.evaluate import EVAL_SEEDS, summarise, teacher_video, video_metrics
+from train.stages import load_module, world_codec
 from train.world import eval_specs, frames_uint8, render
 
 
@@ -41,33 +39,34 @@ def checkpoints(out: Path) -> dict[int, Path]:
 
 def load_teacher(recipe: Recipe, folder: Path) -> tuple[WanModel, ByteTextEncoder]:
     """The EMA teacher and its text encoder, from a checkpoint folder (ema.safetensors) or final/."""
-    teacher, text = WanModel(recipe.model), ByteTextEncoder(recipe.text)
     weights = folder / ("ema.safetensors" if (folder / "ema.safetensors").is_file() else "teacher.safetensors")
-    teacher.load_state_dict(load_file(weights))
-    text.load_state_dict(load_file(folder / "text.safetensors"))
-    return teacher.eval(), text.eval()
+    teacher = load_module(WanModel(recipe.model), weights)
+    return teacher.eval(), load_module(ByteTextEncoder(recipe.text), folder / "text.safetensors").eval()
 
 
-@torch.no_grad()
-def measure(
-    recipe: Recipe, teacher: WanModel, text: ByteTextEncoder, guidance: float, prompts: int, seeds: tuple[int, ...]
-) -> dict[str, list[float]]:
-    """`train.evaluate`'s summary at 1x: [mean, std] over the evaluation seeds of each metric (relative ones over
-    the world's on the same prompts)."""
-    codec, k, fpc = world_codec(recipe), recipe.horizon, recipe.frames_per_chunk
-    runs, worlds = [], []
-    for seed in seeds:
-        specs = eval_specs(seed, prompts)
-        world = frames_uint8(torch.stack([render(s, k, recipe.frame_size) for s in specs])).numpy()
-        ctx = text(text.tokenize([s.prompt() for s in specs]))
-        uncond = text(text.tokenize([recipe.negative_prompt] * prompts))
-        noise = R.randn((prompts, recipe.model.in_channels, k, *recipe.latent_hw), _gen(seed), torch.device("cpu"))
-        x0, _ = R.teacher_ode(
-            teacher, noise, ctx, uncond, guidance=guidance, steps=recipe.ode.euler_steps, shift=recipe.shift
-        )
-        runs.append(video_metrics(codec.decode_frames(x0).numpy(), specs, k, fpc))
-        worlds.append(video_metrics(world, specs, k, fpc))
-    return summarise(runs, worlds, (1,))["summary"]
+class Reference:
+    """What every measurement shares: the codec, and per evaluation seed its prompts and the world's metrics."""
+
+    def __init__(self, recipe: Recipe, prompts: int, seeds: tuple[int, ...]) -> None:
+        self.recipe, self.codec = recipe, world_codec(recipe)
+        k, fpc = recipe.horizon, recipe.frames_per_chunk
+        self.seeds = {}
+        for seed in seeds:
+            specs = eval_specs(seed, prompts)
+            world = frames_uint8(torch.stack([render(s, k, recipe.frame_size) for s in specs])).numpy()
+            self.seeds[seed] = (specs, video_metrics(world, specs, k, fpc))
+
+    @torch.no_grad()
+    def measure(self, teacher: WanModel, text: ByteTextEncoder, guidance: float) -> dict[str, list[float]]:
+        """`train.evaluate`'s summary at 1x: [mean, std] over the evaluation seeds of each metric (relative ones
+        over the world's on the same prompts)."""
+        recipe, runs = self.recipe, []
+        for seed, (specs, _) in self.seeds.items():
+            ctx = text(text.tokenize([s.prompt() for s in specs]))
+            uncond = text(text.tokenize([recipe.negative_prompt] * len(specs)))
+            video = teacher_video(recipe, teacher, self.codec, ctx, uncond, seed, guidance)
+            runs.append(video_metrics(video, specs, recipe.horizon, recipe.frames_per_chunk))
+        return summarise(runs, [world for _, world in self.seeds.values()], (1,))["summary"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,19 +92,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     path = out / "teacher" / "curve.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    reference = Reference(recipe, args.prompts, tuple(range(args.seeds)))
     while True:
         finished = (out / "teacher" / "final" / "DONE").is_file()  # read before the pass: the final one is measured
         done = {(r["step"], r["guidance"]) for r in rows}
         for step, folder in sorted(checkpoints(out).items()):
-            for g in guidance:
-                if (step, g) in done:
-                    continue
-                try:
-                    teacher, text = load_teacher(recipe, folder)
-                except FileNotFoundError:  # pruned by the training run while we read it: the next one comes
-                    continue
-                row = {"step": step, "guidance": g, **measure(recipe, teacher, text, g, args.prompts,
-                                                             tuple(range(args.seeds)))}  # fmt: skip
+            todo = [g for g in guidance if (step, g) not in done]
+            if not todo:
+                continue
+            try:
+                teacher, text = load_teacher(recipe, folder)
+            except FileNotFoundError:  # pruned by the training run while we read it: the next one comes
+                continue
+            for g in todo:
+                row = {"step": step, "guidance": g, **reference.measure(teacher, text, g)}
                 rows.append(row)
                 print(json.dumps({k: v if not isinstance(v, list) else round(v[0], 3) for k, v in row.items()}),
                       flush=True)  # fmt: skip
