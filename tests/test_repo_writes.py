@@ -35,8 +35,9 @@ WRITERS = {
     "bench.parallel_plan": ["bench/results"],
 }
 # these write only where they are told (--out, -o, --out-dir; `sfpp bench`: the current directory), or nothing
-OTHERS = ["train.endless", "train.steering", "train.estimate", "train.fp8_horizon", "train.teacher_curve", "bench.aot",
-          "bench", "bench.fp8_error", "sfpp generate", "sfpp serve", "sfpp bench", "sfpp memory"]  # fmt: skip
+OTHERS = ["train.endless", "train.steering", "train.estimate", "train.fp8_horizon", "train.teacher_curve",
+          "train.budget", "bench.aot", "bench", "bench.fp8_error", "sfpp generate", "sfpp serve", "sfpp bench",
+          "sfpp memory"]  # fmt: skip
 SAYS_SO = "writes into the repository"
 
 

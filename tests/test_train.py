@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.sampler import FlowMatchSchedule
@@ -264,6 +265,28 @@ def test_resume_gives_the_same_losses(smoke_run, tmp_path):
         assert len(first) == 2
         again = stage_cls(recipe, resumed, Dist()).run()  # a new process picks up from the checkpoint
         assert again == histories[name], name
+
+
+def test_budget_runs_resume_the_shorter_budget_and_equal_one_long_run(smoke_run, tmp_path):
+    """train.budget's 2x student, trained on from its 1x checkpoint, is the one an uninterrupted 2x run trains (the
+    DMD learning rate is constant); a checkpoint past the recipe's steps is refused."""
+    from train.budget import train_budgets
+
+    recipe, out, _ = smoke_run
+    for dep in ("teacher", "ode"):
+        shutil.copytree(out / dep, tmp_path / "run" / dep)
+    students = train_budgets(recipe, tmp_path / "run", (1, 2), Dist())
+    longer = replace(recipe, extended=replace(recipe.extended, steps=2 * recipe.extended.steps))
+    for dep in ("teacher", "ode"):
+        shutil.copytree(out / dep, tmp_path / "long" / dep)
+    history = run_stage("extended", longer, tmp_path / "long", Dist())
+    budget_2x = json.loads((students[2].parent / "metrics.json").read_text())["history"]
+    assert budget_2x == history and len(history) == 2 * recipe.extended.steps * recipe.extended.critic_per_gen
+    ema = load_file(students[2])
+    assert all(torch.equal(ema[k], v) for k, v in load_file(tmp_path / "long/extended/final/ema.safetensors").items())
+    assert not torch.equal(ema["head.head.weight"], load_file(students[1])["head.head.weight"])
+    with pytest.raises(CheckpointError, match="different recipe"):  # 2x's checkpoint, resumed by the 1x recipe
+        ExtendedDMDStage(recipe, tmp_path / "run" / "budget", Dist()).run()
 
 
 def test_checkpoint_survives_a_crash_mid_save(tmp_path, monkeypatch):

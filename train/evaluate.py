@@ -66,18 +66,21 @@ def evaluate(
     multiples: tuple[int, ...] = MULTIPLES,
     seeds: tuple[int, ...] = EVAL_SEEDS,
     shipped: bool = False,
+    weights: dict[str, Path] | None = None,
 ) -> dict:
+    """`weights` (label -> student weights) replaces the run's stages and leaves the teacher out (train.budget)."""
     helper = (_ShippedEval if shipped else _Eval)(recipe, out, Dist(device=device))
     k, fpc = recipe.horizon, recipe.frames_per_chunk
-    teacher = None if shipped else helper.frozen_teacher()
+    teacher = None if shipped or weights is not None else helper.frozen_teacher()
+    if weights is None and not shipped:
+        weights = {label: out / stage / "final" / f"{file}.safetensors" for label, (stage, file) in STUDENTS.items()}
     students = {}
-    for label, (stage, file) in STUDENTS.items():
-        if shipped:
-            from sfpp.pipeline import Pipeline
+    if shipped:
+        from sfpp.pipeline import Pipeline
 
-            students[label] = Pipeline.from_pretrained(SHIPPED[label]).transformer.float().to(device).eval()
-            continue
-        path = out / stage / "final" / f"{file}.safetensors"
+        for label, name in SHIPPED.items():
+            students[label] = Pipeline.from_pretrained(name).transformer.float().to(device).eval()
+    for label, path in (weights or {}).items():
         if path.is_file():
             students[label] = load_module(WanModel(recipe.model), path).to(device).eval()
 

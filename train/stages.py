@@ -129,6 +129,8 @@ class Stage:
 
     # --- to implement
     total_steps = 0
+    # The recipe field of a stage whose learning rate does not depend on its number of steps (None: it does)
+    config_field: str | None = None
 
     def setup(self) -> None:
         raise NotImplementedError
@@ -275,9 +277,15 @@ class Stage:
         if found is None:
             return 0
         weights, state = found
-        if state["recipe"] != asdict(self.recipe):
-            from sfpp.models.checkpoint import CheckpointError
+        from sfpp.models.checkpoint import CheckpointError
 
+        saved, now = state["recipe"], asdict(self.recipe)
+        if self.config_field is not None and state["step"] <= self.total_steps:
+            # Constant learning rate: a shorter run's checkpoint is the longer run's at that step, so a stage may
+            # train on past the steps it was written with (train.budget's 1x -> 4x -> 8x).
+            field = self.config_field
+            saved = {**saved, field: {**saved[field], "steps": now[field]["steps"]}}
+        if saved != now:
             raise CheckpointError(f"{self.dir / 'ckpt'} was written by a different recipe; use another --out")
         for name, model in self.models.items():
             load_full_state_dict(model, weights[name], source=f"{self.dir / 'ckpt'} [{name}]")
@@ -530,10 +538,11 @@ class DMDStage(Stage):
     """Self-Forcing (rollout_frames == horizon) and Self-Forcing++ (rollout_frames >> horizon, a random window)."""
 
     name = "dmd"
+    config_field = "self_forcing"
 
     @property
     def cfg(self) -> DMDConfig:
-        return self.recipe.self_forcing
+        return getattr(self.recipe, self.config_field)
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -660,10 +669,7 @@ class DMDStage(Stage):
 
 class ExtendedDMDStage(DMDStage):
     name = "extended"
-
-    @property
-    def cfg(self) -> DMDConfig:
-        return self.recipe.extended
+    config_field = "extended"
 
 
 class GRPOStage(Stage):
