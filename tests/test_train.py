@@ -270,12 +270,12 @@ def test_resume_gives_the_same_losses(smoke_run, tmp_path):
 def test_budget_runs_resume_the_shorter_budget_and_equal_one_long_run(smoke_run, tmp_path):
     """train.budget's 2x student, trained on from its 1x checkpoint, is the one an uninterrupted 2x run trains (the
     DMD learning rate is constant); a checkpoint past the recipe's steps is refused."""
-    from train.budget import train_budgets
+    from train import budget
 
     recipe, out, _ = smoke_run
     for dep in ("teacher", "ode"):
         shutil.copytree(out / dep, tmp_path / "run" / dep)
-    students = train_budgets(recipe, tmp_path / "run", (1, 2), Dist())
+    students = budget.train_budgets(recipe, tmp_path / "run", (1, 2), Dist())
     longer = replace(recipe, extended=replace(recipe.extended, steps=2 * recipe.extended.steps))
     for dep in ("teacher", "ode"):
         shutil.copytree(out / dep, tmp_path / "long" / dep)
@@ -287,6 +287,11 @@ def test_budget_runs_resume_the_shorter_budget_and_equal_one_long_run(smoke_run,
     assert not torch.equal(ema["head.head.weight"], load_file(students[1])["head.head.weight"])
     with pytest.raises(CheckpointError, match="different recipe"):  # 2x's checkpoint, resumed by the 1x recipe
         ExtendedDMDStage(recipe, tmp_path / "run" / "budget", Dist()).run()
+    budget.main(["--recipe", "smoke", "--out", str(tmp_path / "run"), "--budgets", "1,2", "--prompts", "2",
+                 "--seeds", "1"])  # trains nothing more; the curve of both budgets (no dmd stage: no Self-Forcing row)
+    rows = (tmp_path / "run/budget/eval/budget.md").read_text().splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {budget.label(recipe, b)}" for b in (1, 2)]
+    assert (tmp_path / "run/budget/eval/budget.png").stat().st_size > 0
 
 
 def test_checkpoint_survives_a_crash_mid_save(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ Needs the run's teacher and ode stages (and dmd for the Self-Forcing row). Train
 ode are links to the run's: the run's own `extended` checkpoints seed it, and each budget resumes from the one before
 (the learning rate is constant, so the 4x run's step at 1x is the 1x run). Interrupted, it resumes from its last
 checkpoint. Each budget's outputs go to <out>/budget/<b>x/; the evaluation to <out>/budget/eval/ (results.json,
-table.md, one PNG per metric)."""
+table.md, one PNG per metric, and the curve: budget.md, budget.png)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from train.common import Dist
 from train.config import RECIPES, Recipe
-from train.evaluate import MULTIPLES, evaluate
+from train.evaluate import MULTIPLES, evaluate, spread_text
 from train.stages import run_stage
 
 
@@ -54,6 +55,48 @@ def train_budgets(recipe: Recipe, out: Path, budgets: tuple[int, ...], env: Dist
     return students
 
 
+CURVE = ("luminance/world", "clipped", "object_speed/world", "pixel_change/world", "presence", "fidelity")
+AT = (20, 60)  # the multiples of the horizon the curve reports (the issue's)
+PERCENT = ("clipped", "presence")
+
+
+def curve(results: dict, recipe: Recipe, budgets: tuple[int, ...], out: Path) -> str:
+    """budget.md (each metric at 20x and 60x by budget, Self-Forcing's row beside) and budget.png (the paper's Fig. 6:
+    quality against generator updates, the band one standard deviation over the seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {"Self-Forcing": results["Self-Forcing"]["summary"]} if "Self-Forcing" in results else {}
+    rows.update({label(recipe, b): results[label(recipe, b)]["summary"] for b in budgets})
+    head = ["model", *(f"{m} @{x}x" for m in CURVE for x in AT)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in rows.items():
+        cells = [spread_text(s.get(f"{m}@{x}x"), m in PERCENT) for m in CURVE for x in AT]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "budget.md").write_text(text)
+    updates = [b * recipe.extended.steps for b in budgets]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+    for ax, metric in zip(axes.flat, CURVE, strict=True):
+        for x, colour in zip(AT, ("tab:blue", "tab:orange"), strict=True):
+            key = f"{metric}@{x}x"
+            mean, std = (np.array([results[label(recipe, b)]["summary"][key][i] for b in budgets]) for i in (0, 1))
+            ax.plot(updates, mean, marker="o", color=colour, label=f"Self-Forcing++ @{x}x")
+            ax.fill_between(updates, mean - std, mean + std, color=colour, alpha=0.15)
+            if "Self-Forcing" in rows and rows["Self-Forcing"].get(key):
+                ax.axhline(rows["Self-Forcing"][key][0], color=colour, linestyle="--", linewidth=0.8,
+                           label=f"Self-Forcing @{x}x")  # fmt: skip
+        ax.set_xlabel("extended generator updates")
+        ax.set_title(metric, fontsize=9)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "budget.png", dpi=100)
+    plt.close(fig)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m train.budget", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     weights = {"Self-Forcing": out / "dmd" / "final" / "ema.safetensors"}
     weights.update({label(recipe, b): path for b, path in students.items()})
-    evaluate(recipe, out / "budget", device, args.prompts, MULTIPLES, tuple(range(args.seeds)), weights=weights)
+    seeds = tuple(range(args.seeds))
+    results = evaluate(recipe, out / "budget", device, args.prompts, MULTIPLES, seeds, weights=weights)
+    print(curve(results, recipe, budgets, out / "budget" / "eval"))
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ def summarise(runs: list[dict], world: list[dict], multiples: tuple[int, ...]) -
         }
 
 
-def _fmt(v: list[float] | None, pct: bool = False) -> str:
+def spread_text(v: list[float] | None, pct: bool = False) -> str:
     if v is None or not math.isfinite(v[0]):
         return "-"
     if pct:
@@ -236,8 +236,9 @@ def table(results: dict, multiples: tuple[int, ...] = MULTIPLES) -> str:
         s = r["summary"]
         drift = "-"
         if r["windows"] >= last and "drift_worst" in s:
-            drift = f"{_fmt(s['drift_median'], True)} ({100 * s['drift_worst'][0]:.1f}%)"
-        row = [label, *(_fmt(s.get(k), pct) for _, k, pct in cols), _fmt(s["seam"]), drift, _fmt(s.get("no_repeat"))]
+            drift = f"{spread_text(s['drift_median'], True)} ({100 * s['drift_worst'][0]:.1f}%)"
+        row = [label, *(spread_text(s.get(k), pct) for _, k, pct in cols), spread_text(s["seam"]), drift,
+               spread_text(s.get("no_repeat"))]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
