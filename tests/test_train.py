@@ -52,6 +52,25 @@ def test_codec_keeps_the_world():
     assert torch.equal(again.encode(video), z)
 
 
+@pytest.mark.parametrize("whitening", [1.0, 0.5, 0.0])
+def test_codec_whitening_sets_the_channel_variances(whitening):
+    """Channel variances on the fitting frames: 1 each when whitened, the PCA eigenvalues' proportions at 0, a mean of
+    1 always; the same world back (the decoder undoes the scale)."""
+    recipe = replace(get_recipe("smoke"), codec_whitening=whitening)
+    codec, plain = world_codec(recipe), world_codec(get_recipe("smoke"))
+    video, _ = render_batch([3, 4, 5, 6], 4)
+    z, eig = codec.encode(video), plain.scale**2  # eigenvalues of the components
+    var = z.transpose(0, 1).flatten(1).var(1)  # [C]
+    expected = eig ** (1 - whitening) / (eig ** (1 - whitening)).mean()
+    assert float(var.mean()) == pytest.approx(1.0, rel=0.3)  # clips it was not fitted on
+    if whitening == 1.0:
+        assert 0.3 < float(var.min()) and float(var.max()) < 3.0
+    else:  # the channels' spread follows the eigenvalues'
+        assert float(torch.corrcoef(torch.stack([var.log(), expected.log()]))[0, 1]) > 0.9
+        assert float(var.max() / var.min()) > 0.3 * float(expected.max() / expected.min())
+    torch.testing.assert_close(codec.decode_pixels(z), plain.decode_pixels(plain.encode(video)), rtol=0, atol=1e-4)
+
+
 def test_metrics_separate_good_from_broken_video():
     spec = sample_spec(1)
     frames = frames_uint8(render(spec, 36)).numpy()

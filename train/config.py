@@ -95,6 +95,7 @@ class Recipe:
     text: ByteTextEncoderConfig
     frame_size: int = 32  # pixels
     codec_factor: int = 4  # pixel block side of the toy codec: latent side = frame_size / codec_factor
+    codec_whitening: float = 1.0  # toy codec: 1 whitens its channels, 0 keeps pixel proportions (PatchPCACodec.fit)
     fps: int = 8
     horizon: int = 12  # teacher horizon K in latent frames (= video frames for the toy codec)
     frames_per_chunk: int = 3

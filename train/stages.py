@@ -60,7 +60,9 @@ def world_codec(recipe: Recipe) -> PatchPCACodec:
         render_batch(list(range(10**6 + 16 * i, 10**6 + 16 * i + 16)), 4, recipe.frame_size, start=7 * i)[0]
         for i in range(8)
     ]
-    return PatchPCACodec.fit(torch.cat(frames).flatten(0, 1), recipe.codec_factor, recipe.model.in_channels)
+    return PatchPCACodec.fit(
+        torch.cat(frames).flatten(0, 1), recipe.codec_factor, recipe.model.in_channels, recipe.codec_whitening
+    )
 
 
 def data_seeds(step: int, rank: int, world_size: int, batch: int, salt: int) -> list[int]:

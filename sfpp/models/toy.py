@@ -30,8 +30,11 @@ class PatchPCACodec:
             raise ValueError(f"basis {tuple(self.basis.shape)} does not fit {factor}x{factor} RGB blocks")
 
     @classmethod
-    def fit(cls, frames: Tensor, factor: int, channels: int) -> PatchPCACodec:
-        """Principal components of the f x f blocks of frames [N, 3, H, W] in [-1, 1]."""
+    def fit(cls, frames: Tensor, factor: int, channels: int, whitening: float = 1.0) -> PatchPCACodec:
+        """Principal components of the f x f blocks of frames [N, 3, H, W] in [-1, 1]. Channel c is component c over
+        its standard deviation to the power `whitening`, the channels scaled together to a mean variance of 1: 1
+        gives every channel unit variance; 0 keeps the pixels' proportions, so the block means carry most of the
+        variance and a diffusion model over these latents settles them first, at high noise."""
         blocks = F.pixel_unshuffle(frames.double(), factor).permute(0, 2, 3, 1).reshape(-1, 3 * factor * factor)
         if channels > blocks.shape[1]:
             raise ValueError(f"{channels} channels > {blocks.shape[1]} values per {factor}x{factor} RGB block")
@@ -41,6 +44,8 @@ class PatchPCACodec:
         basis = vectors[:, top].T
         basis *= torch.where(basis.sum(1, keepdim=True) < 0, -1.0, 1.0)  # a deterministic sign per component
         scale = values[top].clamp_min(1e-8).sqrt()
+        if whitening != 1.0:
+            scale = scale**whitening * (scale ** (2 - 2 * whitening)).mean().sqrt()  # latent var: var^(1-w) / mean
         return cls(factor, _round(mean), [_round(b) for b in basis], _round(scale))
 
     def encode(self, video: Tensor) -> Tensor:
