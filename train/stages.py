@@ -281,7 +281,7 @@ class Stage:
         weights, state = found
         from sfpp.models.checkpoint import CheckpointError
 
-        saved, now = state["recipe"], asdict(self.recipe)
+        saved, now = {**state["recipe"], "name": None}, {**asdict(self.recipe), "name": None}  # a name is a label
         if self.config_field is not None and state["step"] <= self.total_steps:
             # Constant learning rate: a shorter run's checkpoint is the longer run's at that step, so a stage may
             # train on past the steps it was written with (train.budget's 1x -> 4x -> 8x).
