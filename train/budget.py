@@ -82,7 +82,7 @@ def curve(results: dict, recipe: Recipe, budgets: tuple[int, ...], out: Path) ->
     for ax, metric in zip(axes.flat, CURVE, strict=True):
         for x, colour in zip(AT, ("tab:blue", "tab:orange"), strict=True):
             key = f"{metric}@{x}x"
-            mean, std = (np.array([results[label(recipe, b)]["summary"][key][i] for b in budgets]) for i in (0, 1))
+            mean, std = (np.array([rows[label(recipe, b)][key][i] for b in budgets]) for i in (0, 1))
             ax.plot(updates, mean, marker="o", color=colour, label=f"Self-Forcing++ @{x}x")
             ax.fill_between(updates, mean - std, mean + std, color=colour, alpha=0.15)
             if "Self-Forcing" in rows and rows["Self-Forcing"].get(key):

@@ -71,18 +71,19 @@ def evaluate(
     """`weights` (label -> student weights) replaces the run's stages and leaves the teacher out (train.budget)."""
     helper = (_ShippedEval if shipped else _Eval)(recipe, out, Dist(device=device))
     k, fpc = recipe.horizon, recipe.frames_per_chunk
-    teacher = None if shipped or weights is not None else helper.frozen_teacher()
-    if weights is None and not shipped:
-        weights = {label: out / stage / "final" / f"{file}.safetensors" for label, (stage, file) in STUDENTS.items()}
-    students = {}
+    students, teacher = {}, None
     if shipped:
         from sfpp.pipeline import Pipeline
 
         for label, name in SHIPPED.items():
             students[label] = Pipeline.from_pretrained(name).transformer.float().to(device).eval()
-    for label, path in (weights or {}).items():
-        if path.is_file():
-            students[label] = load_module(WanModel(recipe.model), path).to(device).eval()
+    else:
+        if weights is None:  # the run's own stages, and its teacher
+            teacher = helper.frozen_teacher()
+            weights = {label: out / stage / "final" / f"{f}.safetensors" for label, (stage, f) in STUDENTS.items()}
+        for label, path in weights.items():
+            if path.is_file():
+                students[label] = load_module(WanModel(recipe.model), path).to(device).eval()
 
     per_seed: dict[str, list[dict]] = {}
     rollouts: dict[str, R.RolloutModel] = {}  # per student: as inference runs it, in the recipe's compute dtype
