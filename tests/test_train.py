@@ -344,6 +344,14 @@ def test_corrupt_or_foreign_checkpoint_gives_clear_errors(smoke_run, tmp_path):
     bigger = replace(recipe, model=replace(recipe.model, dim=64))
     with pytest.raises(CheckpointError):
         TeacherStage(bigger, tmp_path, Dist()).resume()
+    # A checkpoint from before a recipe field existed resumes as that field's default, and only as it.
+    state_file = tmp_path / "teacher" / "ckpt" / latest / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["recipe"].pop("codec_whitening") == 1.0
+    torch.save(state, state_file)
+    assert TeacherStage(recipe, tmp_path, Dist()).resume() == state["step"]
+    with pytest.raises(CheckpointError, match="different recipe"):
+        TeacherStage(replace(recipe, codec_whitening=0.0), tmp_path, Dist()).resume()
 
 
 def test_unknown_recipe_and_stage():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +281,10 @@ class Stage:
         weights, state = found
         from sfpp.models.checkpoint import CheckpointError
 
-        saved, now = {**state["recipe"], "name": None}, {**asdict(self.recipe), "name": None}  # a name is a label
+        # A name is a label. A recipe field added since the checkpoint was written takes its default, which keeps the
+        # behaviour from before the field existed.
+        defaults = {f.name: f.default for f in fields(self.recipe) if f.default is not MISSING}
+        saved, now = {**defaults, **state["recipe"], "name": None}, {**asdict(self.recipe), "name": None}
         if self.config_field is not None and state["step"] <= self.total_steps:
             # Constant learning rate: a shorter run's checkpoint is the longer run's at that step, so a stage may
             # train on past the steps it was written with (train.budget's 1x -> 4x -> 8x).
