@@ -88,6 +88,9 @@ class GRPOConfig:
     max_grad_norm: float = 10.0
 
 
+DMD_FIELDS = {"dmd": "self_forcing", "extended": "extended"}  # DMD stage -> its Recipe field
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -127,6 +130,10 @@ class Recipe:
     prompt_file: str | None = None
     student_checkpoint: str | None = None
     negative_prompt: str = ""  # the unconditional prompt of CFG (Self-Forcing uses Wan's default negative prompt)
+
+    def dmd(self, stage: str) -> DMDConfig:
+        """The config of a DMD stage: `dmd` (Self-Forcing) or `extended` (Self-Forcing++)."""
+        return getattr(self, DMD_FIELDS[stage])
 
     @property
     def latent_size(self) -> int:

@@ -146,7 +146,7 @@ def step_passes(name: str, recipe: Recipe, draws: list[tuple], step: int, b: int
         return [Pass("forward", 1, b, k, k, grad=True)]  # block-causal: counted as whole-sequence attention
     if name == "grpo":
         return grpo_passes(recipe, b * recipe.grpo.group_size)
-    cfg = recipe.self_forcing if name == "dmd" else recipe.extended
+    cfg = recipe.dmd(name)
     return dmd_passes(recipe, cfg, draws, step % cfg.critic_per_gen == 0, b)
 
 
@@ -357,7 +357,7 @@ def step_time(name: str, recipe: Recipe, setup: Setup, mfu: float) -> dict[str, 
     n, _, _ = params(WAN)
     b, a = micro_batches(name, setup, recipe)
     if name in ("dmd", "extended"):
-        cfg = recipe.self_forcing if name == "dmd" else recipe.extended
+        cfg = recipe.dmd(name)
         cases = expected_dmd_step(recipe, cfg, b)
     else:  # GRPO's passes take prompts (times the group size), ODE's its batch
         bb = recipe.ode.batch_size if name == "ode" else b // recipe.grpo.group_size if name == "grpo" else b

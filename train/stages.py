@@ -44,7 +44,7 @@ from train.common import (
     weights_checksum,
     write_json,
 )
-from train.config import DMDConfig, Recipe
+from train.config import DMD_FIELDS, DMDConfig, Recipe
 from train.lora import add_lora, plain_state_dict
 from train.metrics import smoothness_reward
 from train.world import render_batch, sample_spec
@@ -543,11 +543,11 @@ class DMDStage(Stage):
     """Self-Forcing (rollout_frames == horizon) and Self-Forcing++ (rollout_frames >> horizon, a random window)."""
 
     name = "dmd"
-    config_field = "self_forcing"
+    config_field = DMD_FIELDS[name]
 
     @property
     def cfg(self) -> DMDConfig:
-        return getattr(self.recipe, self.config_field)
+        return self.recipe.dmd(self.name)
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -674,7 +674,7 @@ class DMDStage(Stage):
 
 class ExtendedDMDStage(DMDStage):
     name = "extended"
-    config_field = "extended"
+    config_field = DMD_FIELDS[name]
 
 
 class GRPOStage(Stage):
