@@ -131,8 +131,6 @@ class Stage:
 
     # --- to implement
     total_steps = 0
-    # The recipe field of a stage whose learning rate does not depend on its number of steps (None: it does)
-    config_field: str | None = None
 
     def setup(self) -> None:
         raise NotImplementedError
@@ -285,10 +283,10 @@ class Stage:
         # behaviour from before the field existed.
         defaults = {f.name: f.default for f in fields(self.recipe) if f.default is not MISSING}
         saved, now = {**defaults, **state["recipe"], "name": None}, {**asdict(self.recipe), "name": None}
-        if self.config_field is not None and state["step"] <= self.total_steps:
-            # Constant learning rate: a shorter run's checkpoint is the longer run's at that step, so a stage may
-            # train on past the steps it was written with (train.budget's 1x -> 4x -> 8x).
-            field = self.config_field
+        field = DMD_FIELDS.get(self.name)
+        if field is not None and state["step"] <= self.total_steps:
+            # The DMD stages' learning rate is constant: a shorter run's checkpoint is the longer run's at that step,
+            # so they may train on past the steps it was written with (train.budget's 1x -> 4x -> 8x).
             saved = {**saved, field: {**saved[field], "steps": now[field]["steps"]}}
         if saved != now:
             raise CheckpointError(f"{self.dir / 'ckpt'} was written by a different recipe; use another --out")
@@ -543,7 +541,6 @@ class DMDStage(Stage):
     """Self-Forcing (rollout_frames == horizon) and Self-Forcing++ (rollout_frames >> horizon, a random window)."""
 
     name = "dmd"
-    config_field = DMD_FIELDS[name]
 
     @property
     def cfg(self) -> DMDConfig:
@@ -674,7 +671,6 @@ class DMDStage(Stage):
 
 class ExtendedDMDStage(DMDStage):
     name = "extended"
-    config_field = DMD_FIELDS[name]
 
 
 class GRPOStage(Stage):
