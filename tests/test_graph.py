@@ -7,7 +7,7 @@ from conftest import TEST_CONFIG, randomize_
 
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.graph import ChunkRunner
-from sfpp.engine.sampler import FlowMatchSchedule, denoise_chunk, draw_noises
+from sfpp.engine.sampler import FlowMatchSchedule, StreamNoise, denoise_chunk, draw_noises
 from sfpp.models.dit import WanModel
 from sfpp.models.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.pipeline import Pipeline, StreamSettings
@@ -138,20 +138,20 @@ def test_pipeline_graph_and_compile_equal_eager_across_videos():
     assert state.runner.replays == 2 * 3 - 1  # 3 chunks per video, the very first one captured
 
 
-@pytest.mark.parametrize("context_noise", [0.0, 100.0])
-def test_training_rollout_is_the_inference_loop(context_noise):
+@pytest.mark.parametrize("schedule", [{}, {"context_noise": 100.0}, {"frame_correlation": 0.9, "correlated_from": 2}])
+def test_training_rollout_is_the_inference_loop(schedule):
     """Training rollouts call the same loop as inference: the same noise gives the same video and the same cache,
-    the noisy context pass included."""
+    the noisy context pass and the noise shared by a stream's frames included."""
     from train.rollout import student_rollout
 
     model, cache = setup()
-    schedule = FlowMatchSchedule(context_noise=context_noise)
+    schedule = FlowMatchSchedule(**schedule)
     runner = ChunkRunner(model, cache(), schedule)
     train_cache = cache()
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    noise = StreamNoise(torch.Generator().manual_seed(5), torch.device("cpu"))
     with torch.no_grad():
-        ours = torch.cat([runner(runner.draw_noise(SHAPE, g1)) for _ in range(4)], 2)
-    theirs = student_rollout(model, train_cache, SHAPE, 4 * SHAPE[2], schedule, g2)
+        ours = torch.cat([runner(noise.chunk(schedule, SHAPE)) for _ in range(4)], 2)
+    theirs = student_rollout(model, train_cache, SHAPE, 4 * SHAPE[2], schedule, torch.Generator().manual_seed(5))
     assert torch.equal(ours, theirs) and torch.equal(runner.cache.k, train_cache.k)
 
 

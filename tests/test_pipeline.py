@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TEST_CONFIG, randomize_
 
-from sfpp.engine.sampler import FlowMatchSchedule, add_noise, flow_to_x0
+from sfpp.engine.sampler import FlowMatchSchedule, StreamNoise, add_noise, flow_to_x0
 from sfpp.models.dit import WanModel
 from sfpp.models.text import ByteTextEncoder, ByteTextEncoderConfig
 from sfpp.pipeline import Pipeline, StreamSettings
@@ -115,6 +115,28 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_frame_correlated_schedule_is_drawn_saved_and_loaded(pipe, tmp_path, monkeypatch):
+    """A pipeline whose schedule shares noise across frames denoises each chunk with the stream's `StreamNoise`
+    draws from the seed, and keeps the schedule through save/load."""
+    from sfpp.engine.graph import ChunkRunner
+
+    schedule = FlowMatchSchedule(frame_correlation=0.9, correlated_from=2)
+    ours = Pipeline(pipe.transformer, pipe.text_encoder, pipe.decoder, settings=pipe.settings, schedule=schedule)
+    seen = []
+    real = ChunkRunner.__call__
+    monkeypatch.setattr(ChunkRunner, "__call__", lambda self, noises: seen.append(noises.clone()) or real(self, noises))
+    out = ours("a red ball", num_frames=21, seed=4, progress=False).latents
+    noise = StreamNoise(gen(4), torch.device("cpu"))
+    assert len(seen) == 3 and all(torch.equal(got, noise.chunk(schedule, got.shape[1:])) for got in seen)
+    assert not torch.equal(out, pipe("a red ball", num_frames=21, seed=4, progress=False).latents)
+    ours.save_pretrained(tmp_path / "m")
+    loaded = Pipeline.from_pretrained(tmp_path / "m")
+    assert loaded.schedule == schedule
+    assert torch.equal(loaded("a red ball", num_frames=21, seed=4, progress=False).latents, out)
+    with pytest.raises(ValueError, match="frame_correlation 0"):
+        ours("a red ball", num_frames=21, seed=4, progress=False, noise_order="self-forcing")
+
+
 def test_from_config_runs():
     out = Pipeline.from_config("tiny")("hello", seconds=1, seed=0, progress=False)
     assert out.frames.shape == (1, 16, 64, 64, 3)
@@ -142,7 +164,6 @@ def test_from_config_runs():
 def test_bad_input(pipe, prompt, kwargs, error, match):
     with pytest.raises(error, match=match):
         pipe(prompt, progress=False, **kwargs)
-
 
 
 def self_forcing_noise_reference(seed: int, batch: int, channels: int, frames: int, fc: int, h: int, w: int,

@@ -1,7 +1,9 @@
+
 """The training stack on the `smoke` recipe: the world, the codec, resumable and crash-safe checkpoints, rollouts
 that carry gradients only where they should, two-process training with identical weights, and the Wan recipe."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -113,24 +115,28 @@ def test_student_steps_lie_on_the_teacher_euler_grid():
         assert grid == pytest.approx(schedule.sigmas)
 
 
-def _student(window=6, context_noise=0.0):
+def _student(window=6, context_noise=0.0, **schedule):
     cfg = get_recipe("smoke").model
     torch.manual_seed(0)
     model = WanModel(cfg)
     cache = RingKVCache(cfg, batch_size=2, frame_tokens=16, window=window)
     with torch.no_grad():
         cache.set_text(model.text_kv(torch.randn(2, cfg.text_len, cfg.text_dim)))
-    return model, cache, FlowMatchSchedule(context_noise=context_noise)
+    return model, cache, FlowMatchSchedule(context_noise=context_noise, **schedule)
 
 
 SHAPE = (2, 16, 3, 8, 8)
+CORRELATED = {"frame_correlation": 0.9, "correlated_from": 2}  # noise shared by the frames from step 2 on
 
 
-@pytest.mark.parametrize("noise_step, exit_step, context_noise", [(0, 1, 0.0), (2, 3, 0.0), (1, 3, 100.0)])
-def test_window_gradient_replay_is_the_rollout(noise_step, exit_step, context_noise, monkeypatch):
+@pytest.mark.parametrize(
+    "noise_step, exit_step, context_noise, schedule",
+    [(0, 1, 0.0, {}), (2, 3, 0.0, {}), (1, 3, 100.0, {}), (1, 3, 100.0, CORRELATED)],
+)
+def test_window_gradient_replay_is_the_rollout(noise_step, exit_step, context_noise, schedule, monkeypatch):
     """The replay reproduces the window chunk by chunk over the wrapped ring, and its gradient is the gradient of
     two-part attention's plain reference (concatenated K/V) through the same computation."""
-    model, cache, schedule = _student(context_noise=context_noise)
+    model, cache, schedule = _student(context_noise=context_noise, **schedule)
     draw = R.WindowDraw(start=6, noise_step=noise_step, exit_steps=(exit_step, exit_step))
     window = R.window_rollout(model, cache, SHAPE, draw, schedule, torch.Generator().manual_seed(0))
     assert window.x0.shape == (2, 16, 6, 8, 8) and not window.x0.requires_grad and cache.frames_done == 12
@@ -228,6 +234,26 @@ def test_grpo_log_probability_sums_over_dimensions():
     torch.testing.assert_close(lp, expected)
     ratio = torch.exp(R.gaussian_logp(sample, mean + 0.01, 0.5) - lp)
     assert dims > 3000 and ((ratio < 0.8) | (ratio > 1.2)).any()
+
+
+@pytest.mark.parametrize("schedule", [{}, CORRELATED])
+def test_grpo_replay_scores_the_rollouts_actions(schedule):
+    """GRPO's replay under the unchanged policy gives the rollout's log-probabilities (ratio 1), and they are those
+    of the noise actually drawn: each frame's own part, unit Gaussian, scaled by sigma (by sigma sqrt(1 - rho) where
+    the stream's shared draw, fixed for the rollout, carries the rest)."""
+    model, cache, schedule = _student(**schedule)
+    fresh = _fresh_cache(model, cache)
+    with torch.no_grad():
+        record = R.policy_rollout(model, cache, SHAPE, 9, schedule, torch.Generator().manual_seed(2))
+        for chunk in record:
+            torch.testing.assert_close(R.replay_logp(model, fresh, chunk, schedule), chunk["logp"], rtol=1e-5, atol=0.1)
+            R.replay_context(model, fresh, chunk, schedule)
+    dims, rho = math.prod(SHAPE[1:]), schedule.frame_correlation
+    for step, sigma in enumerate(schedule.sigmas[1:], start=1):
+        std = sigma * math.sqrt(1 - rho) if rho and step >= schedule.correlated_from else sigma
+        expected = -dims * (0.5 + math.log(std) + 0.5 * math.log(2 * math.pi))  # E[log N(x; mean, std)] over D dims
+        logp = torch.stack([chunk["logp"][:, step - 1] for chunk in record])  # [chunks, B]
+        assert abs(float(logp.mean()) - expected) < 0.02 * dims
 
 
 def _fresh_cache(model, like):

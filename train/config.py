@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from sfpp.engine.sampler import FlowMatchSchedule
 from sfpp.models.dit import WanConfig, get_config
 from sfpp.models.text import ByteTextEncoderConfig
 
@@ -107,6 +108,10 @@ class Recipe:
     # Noise-level shift of the student's 4 steps and of the teacher's ODE grid (sampler.FlowMatchSchedule): Wan's 5.0
     # suits its large latents; the toy world's 8x8 latents keep detail to resolve at lower noise.
     shift: float = 5.0
+    # The student's re-noising shared by the frames from step `correlated_from` on (sampler.FlowMatchSchedule), in the
+    # DMD rollouts, GRPO and the shipped pipeline alike. 0: independent per-frame noise (Wan, Self-Forcing).
+    frame_correlation: float = 0.0
+    correlated_from: int = 3
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     self_forcing: DMDConfig = field(default_factory=DMDConfig)
@@ -134,6 +139,13 @@ class Recipe:
     def dmd(self, stage: str) -> DMDConfig:
         """The config of a DMD stage: `dmd` (Self-Forcing) or `extended` (Self-Forcing++)."""
         return getattr(self, DMD_FIELDS[stage])
+
+    @property
+    def schedule(self) -> FlowMatchSchedule:
+        """The student's 4 steps, as training rolls it out and the shipped pipeline samples."""
+        return FlowMatchSchedule(
+            shift=self.shift, frame_correlation=self.frame_correlation, correlated_from=self.correlated_from
+        )
 
     @property
     def latent_size(self) -> int:
@@ -186,6 +198,9 @@ RECIPES: dict[str, Recipe] = {
     # the world's at CFG 2 against the toy teacher's 2.01x, fidelity 0.37 against 0.33; its students flicker 9% less
     # with seams 1.23 against 1.32, and are not shipped (teacher_study.md).
     "toy-unwhitened": replace(TOY, name="toy-unwhitened", codec_whitening=0.0, teacher=TeacherConfig(steps=6000)),
+    # The toy recipe's students re-noised at their last step (sigma 0.5) with noise 0.9 shared by the frames: the
+    # shipped Self-Forcing++ student, untrained for it, flickered a quarter less that way (teacher_study.md).
+    "toy-correlated": replace(TOY, name="toy-correlated", frame_correlation=0.9, correlated_from=3),
     "smoke": Recipe(
         "smoke",
         replace(TOY_MODEL, dim=32, ffn_dim=64, num_heads=2, num_layers=1),

@@ -17,10 +17,10 @@ from sfpp.engine.cache import RingKVCache
 from sfpp.engine.graph import ChunkRunner
 from sfpp.engine.sampler import (
     FlowMatchSchedule,
+    StreamNoise,
     add_noise,
     context_pass,
     denoise_chunk,
-    draw_noises,
     flow_to_x0,
     randn,
 )
@@ -68,18 +68,21 @@ def student_rollout(
     generator: torch.Generator,
     *,
     runner: ChunkRunner | None = None,
+    noise: StreamNoise | None = None,
 ) -> Tensor:
     """Roll the student out over the ring cache exactly as at inference for `num_frames` more frames: chunk by chunk
     through the chunk runner inference uses (`runner`, bound to `cache`; one kept across rollouts replays its
-    captured CUDA graphs; by default an eager one of `model`). Returns their clean latents [B, C, F, h, w] (no
+    captured CUDA graphs; by default an eager one of `model`). `noise`: the stream's noise, when the rollout goes on
+    with one (by default a new stream's, from `generator`). Returns the clean latents [B, C, F, h, w] (no
     gradients)."""
     if runner is None:
         runner = ChunkRunner(model, cache, schedule)
     if runner.cache is not cache:
         raise ValueError("the runner is bound to another cache")
+    noise = noise or StreamNoise(generator, cache.k.device)
     out = []
     for _ in range(0, num_frames, chunk_shape[2]):
-        out.append(runner(draw_noises(schedule, chunk_shape, generator, cache.k.device)))
+        out.append(runner(noise.chunk(schedule, chunk_shape)))
     return torch.cat(out, dim=2)
 
 
@@ -194,18 +197,20 @@ def window_rollout(
     device = cache.k.device
     if not all(draw.noise_step <= e < len(sigmas) for e in draw.exit_steps):
         raise ValueError(f"exit steps {draw.exit_steps} must lie in [{draw.noise_step}, {len(sigmas)})")
+    noise = StreamNoise(generator, device)  # one stream: the context, the clean window and its restart
     if draw.start:
-        student_rollout(model, cache, chunk_shape, draw.start, schedule, generator, runner=runner)
+        student_rollout(model, cache, chunk_shape, draw.start, schedule, generator, runner=runner, noise=noise)
     frames_done, snapshot = cache.frames_done, _snapshot(cache)
     s = draw.noise_step
     if s > 0:
         frames = fpc * len(draw.exit_steps)
-        clean = student_rollout(model, cache, chunk_shape, frames, schedule, generator, runner=runner)
+        clean = student_rollout(model, cache, chunk_shape, frames, schedule, generator, runner=runner, noise=noise)
         _restore(cache, snapshot, frames_done)
-    restart = replace(schedule, denoising_steps=schedule.denoising_steps[s:])  # steps s, s+1, ..., last
+    # Steps s, s+1, ..., last. Its noises are drawn by the full schedule below (correlated where it says).
+    restart = replace(schedule, denoising_steps=schedule.denoising_steps[s:], frame_correlation=0.0)
     chunks, out = [], []
     for c, exit_step in enumerate(draw.exit_steps):
-        noises = draw_noises(schedule, chunk_shape, generator, device)  # [num_noises, B, C, Fc, h, w]
+        noises = noise.chunk(schedule, chunk_shape)  # [num_noises, B, C, Fc, h, w]
         if s > 0:
             x_s = add_noise(clean[:, :, c * fpc : (c + 1) * fpc], noises[s], sigmas[s])  # eq. 1
             noises = torch.cat([x_s[None], noises[s + 1 :]])
@@ -302,6 +307,17 @@ def gaussian_logp(sample: Tensor, mean: Tensor, sigma: float) -> Tensor:
     return lp.flatten(1).sum(1)
 
 
+def renoise_distribution(schedule: FlowMatchSchedule, step: int, x0: Tensor, shared: Tensor | None):
+    """Mean and std of the state entering `step` (>= 1) given the previous step's x0: (1 - sigma) x0 + sigma noise.
+    Where the schedule correlates the step's noise across frames, the stream's shared draw (fixed for the whole
+    rollout, part of the state) moves the mean and only each frame's own part is random."""
+    sigma = schedule.sigmas[step]
+    if schedule.frame_correlation == 0 or step < schedule.correlated_from:
+        return (1 - sigma) * x0, sigma
+    rho = schedule.frame_correlation
+    return (1 - sigma) * x0 + sigma * math.sqrt(rho) * shared, sigma * math.sqrt(1 - rho)
+
+
 @torch.no_grad()
 def policy_rollout(
     model: WanModel,
@@ -312,22 +328,25 @@ def policy_rollout(
     generator: torch.Generator,
 ) -> list[dict]:
     """A stochastic rollout for GRPO: per chunk, the state before every step, the re-noised action taken after each
-    non-terminal step, their log-probabilities [B, T-1] under the rolling policy, the chunk's clean output and its
-    context noise (so a replay writes the same context)."""
-    record = []
+    non-terminal step, their log-probabilities [B, T-1] under the rolling policy, the chunk's clean output, its
+    context noise (so a replay writes the same context) and the stream's shared noise (None when independent)."""
+    record, noise = [], StreamNoise(generator, cache.k.device)
     for _ in range(0, num_frames, chunk_shape[2]):
-        noises = draw_noises(schedule, chunk_shape, generator, cache.k.device)
+        noises = noise.chunk(schedule, chunk_shape)
         steps: list[tuple[Tensor, Tensor]] = []
         x0 = denoise_chunk(model.forward_chunk, cache, noises, schedule, trace=steps)
         cache.advance(chunk_shape[2])
-        sigmas_next = schedule.sigmas[1:]
-        logp = [gaussian_logp(x_next, (1 - s) * x0_i, s) for (x0_i, x_next), s in zip(steps, sigmas_next, strict=True)]
+        logp = [
+            gaussian_logp(x_next, *renoise_distribution(schedule, i + 1, x0_i, noise.shared))
+            for i, (x0_i, x_next) in enumerate(steps)
+        ]
         record.append(
             {
                 "states": [noises[0]] + [x_next for _, x_next in steps],
                 "logp": torch.stack(logp, 1),
                 "x0": x0,
                 "context_noise": noises[-1] if schedule.context_noise > 0 else None,
+                "shared": noise.shared,
             }
         )
     return record
@@ -341,7 +360,8 @@ def replay_logp(model: WanModel, cache: RingKVCache, chunk: dict, schedule: Flow
     for i in range(len(sigmas) - 1):
         x = chunk["states"][i]
         x0 = flow_to_x0(x, model.forward_chunk(x, _t(x, sigmas[i]), cache).float(), sigmas[i])
-        logps.append(gaussian_logp(chunk["states"][i + 1], (1 - sigmas[i + 1]) * x0, sigmas[i + 1]))
+        dist = renoise_distribution(schedule, i + 1, x0, chunk["shared"])
+        logps.append(gaussian_logp(chunk["states"][i + 1], *dist))
     return torch.stack(logps, 1)
 
 

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import sfpp
-from sfpp.engine.sampler import FlowMatchSchedule
 from sfpp.models.dit import WanModel
 from sfpp.models.text import ByteTextEncoder
 from sfpp.pipeline import CONFIG_FILE, SHIPPED_MODELS, Pipeline, StreamSettings
@@ -106,9 +105,7 @@ def _stage(recipe: Recipe, out: Path, target: Path, stage: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.shipping-", dir=target.parent))
     try:
-        pipe = Pipeline(
-            student, text, world_codec(recipe), schedule=FlowMatchSchedule(shift=recipe.shift), settings=settings
-        )
+        pipe = Pipeline(student, text, world_codec(recipe), schedule=recipe.schedule, settings=settings)
         pipe.save_pretrained(staged)
         (staged / "MODEL_CARD.md").write_text(model_card(recipe, out, stage))
     except BaseException:

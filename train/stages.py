@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sfpp.engine.cache import RingKVCache
-from sfpp.engine.sampler import FlowMatchSchedule, flow_to_x0
+from sfpp.engine.sampler import flow_to_x0
 from sfpp.models.dit import WanModel
 from sfpp.models.text import ByteTextEncoder
 from sfpp.models.toy import PatchPCACodec
@@ -111,7 +111,7 @@ class Stage:
             self.codec = VAEFrames(recipe, env.device)  # pixels only where needed: GRPO's reward
         else:
             self.codec = world_codec(recipe)
-        self.schedule = FlowMatchSchedule(shift=recipe.shift)
+        self.schedule = recipe.schedule
         # Two random streams. `generator` differs per rank: noise, data, noise levels. `shared` is seeded the same on
         # every rank and draws everything that decides how many forward passes a step makes (window starts, exit
         # and restart steps): under FSDP each of those passes is a collective per block, so ranks that drew

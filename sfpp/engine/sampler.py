@@ -13,6 +13,7 @@ and sigma is the entry of the shifted 1000-step table that Wan's scheduler looks
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,11 @@ class FlowMatchSchedule:
     num_train_timesteps: int = 1000
     context_noise: float = 0.0  # timestep at which the clean chunk is written into the cache (0: clean)
     warp: bool = True  # steps warped by the shift (Self-Forcing), or timesteps as given (CausVid)
+    # Noise shared by the frames: from denoising step `correlated_from` on, each frame's noise is sqrt(rho) x one draw
+    # held for the whole stream + sqrt(1 - rho) x its own (`StreamNoise`). Independent per-frame noise in the last
+    # steps is where a few-step sampler makes flicker (train/results/toy/teacher_study.md). 0: independent (Wan).
+    frame_correlation: float = 0.0
+    correlated_from: int = 3
 
     def __post_init__(self) -> None:
         steps = self.denoising_steps
@@ -39,6 +45,10 @@ class FlowMatchSchedule:
             raise ValueError(f"shift must be positive, got {self.shift}")
         if not 0 <= self.context_noise < self.num_train_timesteps:
             raise ValueError(f"context_noise must be in [0, {self.num_train_timesteps}), got {self.context_noise}")
+        if not 0 <= self.frame_correlation < 1:
+            raise ValueError(f"frame_correlation must be in [0, 1), got {self.frame_correlation}")
+        if self.frame_correlation > 0 and not 0 <= self.correlated_from < len(steps):
+            raise ValueError(f"correlated_from must be a step in [0, {len(steps)}), got {self.correlated_from}")
 
     def sigma(self, step: float) -> float:
         s = step / self.num_train_timesteps
@@ -101,10 +111,40 @@ def num_noises(schedule: FlowMatchSchedule) -> int:
 
 
 def draw_noises(
-    schedule: FlowMatchSchedule, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+    schedule: FlowMatchSchedule,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device,
+    shared: Tensor | None = None,
 ) -> Tensor:
-    """[num_noises, *shape] fp32 on `device`: all of a chunk's noise, in `denoise_chunk`'s order."""
-    return torch.stack([randn(shape, generator, device) for _ in range(num_noises(schedule))])
+    """[num_noises, *shape] fp32 on `device`: all of a chunk's noise, in `denoise_chunk`'s order. A frame-correlated
+    schedule mixes in `shared` [B, C, 1, h, w], the stream's draw (`StreamNoise` holds it)."""
+    noises = torch.stack([randn(shape, generator, device) for _ in range(num_noises(schedule))])
+    rho = schedule.frame_correlation
+    if rho == 0:
+        return noises
+    if shared is None:
+        raise ValueError("a frame-correlated schedule needs the stream's shared draw: draw through StreamNoise")
+    steps = slice(schedule.correlated_from, len(schedule.denoising_steps))  # not the context pass's noise
+    noises[steps] = math.sqrt(rho) * shared + math.sqrt(1 - rho) * noises[steps]
+    return noises
+
+
+class StreamNoise:
+    """One stream's noise, chunk by chunk, in `denoise_chunk`'s order (`draw_noises`). A frame-correlated schedule's
+    shared draw is made once, before the first chunk's noise, and held for the whole stream, so that frames keep
+    it across chunk seams too; independent noise draws exactly what `draw_noises` draws."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device) -> None:
+        self.generator, self.device = generator, device
+        self.shared: Tensor | None = None  # [B, C, 1, h, w]
+
+    def chunk(self, schedule: FlowMatchSchedule, shape: tuple[int, ...]) -> Tensor:
+        """[num_noises, *shape]: the next chunk's noise."""
+        if schedule.frame_correlation > 0 and self.shared is None:
+            batch, channels, _, h, w = shape
+            self.shared = randn((batch, channels, 1, h, w), self.generator, self.device)
+        return draw_noises(schedule, shape, self.generator, self.device, self.shared)
 
 
 class SelfForcingNoise:
@@ -123,6 +163,8 @@ class SelfForcingNoise:
         """[num_noises, *shape]: the next chunk's noise, as `draw_noises` lays it out for `denoise_chunk`."""
         if schedule.context_noise > 0:
             raise ValueError("Self-Forcing's noise order has no draw for a noisy context pass: use context_noise 0")
+        if schedule.frame_correlation > 0:
+            raise ValueError("Self-Forcing's noise order draws every frame's noise on its own: use frame_correlation 0")
         batch, channels, frames, h, w = shape
         if self.start + frames > self.initial.shape[1]:
             raise ValueError(f"the video's noise holds {self.initial.shape[1]} latent frames; this chunk ends past it")

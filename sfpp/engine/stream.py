@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from sfpp.engine.cache import RingKVCache
 from sfpp.engine.graph import ChunkRunner
-from sfpp.engine.sampler import SelfForcingNoise, add_noise, nvtx_range, randn
+from sfpp.engine.sampler import SelfForcingNoise, StreamNoise, add_noise, nvtx_range, randn
 
 
 @contextlib.contextmanager
@@ -153,10 +153,11 @@ class VideoStream:
         include_video: bool,
         progress: bool,
         return_latents: bool,
-        noise: SelfForcingNoise | None = None,
+        noise: SelfForcingNoise | StreamNoise | None = None,
     ) -> None:
         self.pipe, self.batch = pipe, len(prompts)
-        self._noise = noise  # the whole video's noise drawn up front in a peer's order, else per chunk
+        # The whole video's noise drawn up front in a peer's order, else chunk by chunk as the stream goes.
+        self._noise = noise or StreamNoise(generator, pipe.device)
         model, s = pipe.transformer, pipe.settings
         h, w = latent_size
         self.shape = (self.batch, model.cfg.in_channels, s.frames_per_chunk, h, w)
@@ -283,12 +284,8 @@ class VideoStream:
         if pending or due:
             self._switch(*(pending or due))
         start = cache.frames_done
-        # The chunk's noise, drawn outside the runner (the same video in every runner mode): in the eager sampler's
-        # order, or taken from the whole video's noise drawn up front in a peer's order.
-        if self._noise is not None:
-            noises = self._noise.chunk(pipe.schedule, self.shape)
-        else:
-            noises = runner.draw_noise(self.shape, self.generator, pipe.device)
+        # The chunk's noise, drawn outside the runner: the same video in every runner mode.
+        noises = self._noise.chunk(pipe.schedule, self.shape)
         latents = runner(noises)
         schedule = pipe.schedule
         ctx_sigma = schedule.context_noise / schedule.num_train_timesteps
