@@ -72,11 +72,13 @@ def evaluate(
     helper = (_ShippedEval if shipped else _Eval)(recipe, out, Dist(device=device))
     k, fpc = recipe.horizon, recipe.frames_per_chunk
     students, teacher = {}, None
+    schedules = {}  # label -> the schedule it samples with: a shipped model's own, else the recipe's
     if shipped:
         from sfpp.pipeline import Pipeline
 
         for label, name in SHIPPED.items():
-            students[label] = Pipeline.from_pretrained(name).transformer.float().to(device).eval()
+            pipe = Pipeline.from_pretrained(name)
+            students[label], schedules[label] = pipe.transformer.float().to(device).eval(), pipe.schedule
     else:
         if weights is None:  # the run's own stages, and its teacher
             teacher = helper.frozen_teacher()
@@ -97,10 +99,11 @@ def evaluate(
             videos[TEACHER] = teacher_video(recipe, teacher, helper.codec, ctx, uncond, seed, recipe.ode.guidance)
         for label, student in students.items():
             rollout = rollouts.setdefault(label, R.RolloutModel(student, helper.dtype, device, (0, None)))
-            cache, runner = helper.new_cache(rollout.get(), num_prompts, ctx, rollout)  # the chunk runner
+            schedule = schedules.get(label, helper.schedule)
+            cache, runner = helper.new_cache(rollout.get(), num_prompts, ctx, rollout, schedule)  # the chunk runner
             shape = helper.chunk_shape(num_prompts)
             latents = R.student_rollout(
-                rollout.get(), cache, shape, k * max(multiples), helper.schedule, _gen(seed), runner=runner
+                rollout.get(), cache, shape, k * max(multiples), schedule, _gen(seed), runner=runner
             )
             videos[label] = helper.codec.decode_frames(latents).cpu().numpy()
         for label, video in videos.items():

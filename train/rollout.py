@@ -79,6 +79,8 @@ def student_rollout(
         runner = ChunkRunner(model, cache, schedule)
     if runner.cache is not cache:
         raise ValueError("the runner is bound to another cache")
+    if runner.schedule != schedule:
+        raise ValueError("the runner samples with another schedule")
     noise = noise or StreamNoise(generator, cache.k.device)
     out = []
     for _ in range(0, num_frames, chunk_shape[2]):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sfpp.engine.cache import RingKVCache
-from sfpp.engine.sampler import flow_to_x0
+from sfpp.engine.sampler import FlowMatchSchedule, flow_to_x0
 from sfpp.models.dit import WanModel
 from sfpp.models.text import ByteTextEncoder
 from sfpp.models.toy import PatchPCACodec
@@ -231,13 +231,19 @@ class Stage:
         return (batch, self.recipe.model.in_channels, self.recipe.frames_per_chunk, h, w)
 
     def new_cache(
-        self, model: WanModel, batch: int, ctx: Tensor, rollout: R.RolloutModel
+        self,
+        model: WanModel,
+        batch: int,
+        ctx: Tensor,
+        rollout: R.RolloutModel,
+        schedule: FlowMatchSchedule | None = None,
     ) -> tuple[RingKVCache, R.ChunkRunner]:
         """A ring cache in the compute dtype holding the prompts' text K/V, and the chunk runner of `rollout`'s model
         bound to it. Kept per batch size and reset for the next rollout, as the pipeline reuses a stream's
         state: a runner's CUDA graphs are captured once per fill level, not once per rollout. Keyed by the rollout
-        model too: a runner is bound to its model."""
-        key = (rollout, batch)
+        model too: a runner is bound to its model. `schedule`: the runner's, if not the recipe's (a shipped model's)."""
+        schedule = schedule or self.schedule
+        key = (rollout, batch, schedule)
         if key not in self.pool:
             h, w = self.recipe.latent_hw
             tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
@@ -245,7 +251,7 @@ class Stage:
                 model.cfg, batch_size=batch, frame_tokens=tokens, window=self.recipe.window, dtype=self.dtype,
                 device=self.device,
             )  # fmt: skip
-            runner = R.ChunkRunner(rollout.get(), cache, self.schedule, cuda_graph=rollout.cuda_graph)
+            runner = R.ChunkRunner(rollout.get(), cache, schedule, cuda_graph=rollout.cuda_graph)
             self.pool[key] = (cache, runner)
         cache, runner = self.pool[key]
         rollout.get()  # a stale copy is refreshed in place: the same module, the runner's graphs stay valid
