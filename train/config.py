@@ -198,8 +198,9 @@ RECIPES: dict[str, Recipe] = {
     # the world's at CFG 2 against the toy teacher's 2.01x, fidelity 0.37 against 0.33; its students flicker 9% less
     # with seams 1.23 against 1.32, and are not shipped (teacher_study.md).
     "toy-unwhitened": replace(TOY, name="toy-unwhitened", codec_whitening=0.0, teacher=TeacherConfig(steps=6000)),
-    # The toy recipe's students re-noised at their last step (sigma 0.5) with noise 0.9 shared by the frames: the
-    # shipped Self-Forcing++ student, untrained for it, flickered a quarter less that way (teacher_study.md).
+    # The toy recipe's students re-noised at their last step (sigma 0.5) with noise 0.9 shared by the frames. Trained
+    # so, they flicker a third less, but their objects slow past the horizon and the seams rise; not shipped
+    # (train/results/toy/frame_correlation/).
     "toy-correlated": replace(TOY, name="toy-correlated", frame_correlation=0.9, correlated_from=3),
     "smoke": Recipe(
         "smoke",
