@@ -110,8 +110,8 @@ class Recipe:
     shift: float = 5.0
     # The student's re-noising shared by the frames from step `correlated_from` on (sampler.FlowMatchSchedule), in the
     # DMD rollouts, GRPO and the shipped pipeline alike. 0: independent per-frame noise (Wan, Self-Forcing).
-    frame_correlation: float = 0.0
-    correlated_from: int = 3
+    frame_correlation: float = FlowMatchSchedule.frame_correlation
+    correlated_from: int = FlowMatchSchedule.correlated_from
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     self_forcing: DMDConfig = field(default_factory=DMDConfig)

@@ -314,7 +314,7 @@ def renoise_distribution(schedule: FlowMatchSchedule, step: int, x0: Tensor, sha
     Where the schedule correlates the step's noise across frames, the stream's shared draw (fixed for the whole
     rollout, part of the state) moves the mean and only each frame's own part is random."""
     sigma = schedule.sigmas[step]
-    if schedule.frame_correlation == 0 or step < schedule.correlated_from:
+    if step not in schedule.correlated_steps:
         return (1 - sigma) * x0, sigma
     rho = schedule.frame_correlation
     return (1 - sigma) * x0 + sigma * math.sqrt(rho) * shared, sigma * math.sqrt(1 - rho)

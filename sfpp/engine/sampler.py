@@ -50,6 +50,13 @@ class FlowMatchSchedule:
         if self.frame_correlation > 0 and not 0 <= self.correlated_from < len(steps):
             raise ValueError(f"correlated_from must be a step in [0, {len(steps)}), got {self.correlated_from}")
 
+    @property
+    def correlated_steps(self) -> range:
+        """The denoising steps whose noise shares the stream's draw (none when the noise is independent)."""
+        if self.frame_correlation == 0:
+            return range(0)
+        return range(self.correlated_from, len(self.denoising_steps))
+
     def sigma(self, step: float) -> float:
         s = step / self.num_train_timesteps
         return self.shift * s / (1 + (self.shift - 1) * s)
@@ -120,13 +127,13 @@ def draw_noises(
     """[num_noises, *shape] fp32 on `device`: all of a chunk's noise, in `denoise_chunk`'s order. A frame-correlated
     schedule mixes in `shared` [B, C, 1, h, w], the stream's draw (`StreamNoise` holds it)."""
     noises = torch.stack([randn(shape, generator, device) for _ in range(num_noises(schedule))])
-    rho = schedule.frame_correlation
-    if rho == 0:
+    steps = schedule.correlated_steps
+    if not steps:
         return noises
     if shared is None:
         raise ValueError("a frame-correlated schedule needs the stream's shared draw: draw through StreamNoise")
-    steps = slice(schedule.correlated_from, len(schedule.denoising_steps))  # not the context pass's noise
-    noises[steps] = math.sqrt(rho) * shared + math.sqrt(1 - rho) * noises[steps]
+    rho, part = schedule.frame_correlation, slice(steps.start, steps.stop)  # never the context pass's noise
+    noises[part] = math.sqrt(rho) * shared + math.sqrt(1 - rho) * noises[part]
     return noises
 
 
@@ -141,7 +148,7 @@ class StreamNoise:
 
     def chunk(self, schedule: FlowMatchSchedule, shape: tuple[int, ...]) -> Tensor:
         """[num_noises, *shape]: the next chunk's noise."""
-        if schedule.frame_correlation > 0 and self.shared is None:
+        if schedule.correlated_steps and self.shared is None:
             batch, channels, _, h, w = shape
             self.shared = randn((batch, channels, 1, h, w), self.generator, self.device)
         return draw_noises(schedule, shape, self.generator, self.device, self.shared)
