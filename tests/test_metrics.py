@@ -84,10 +84,21 @@ def test_evaluate_the_shipped_models_and_restamp_their_tables(tmp_path, monkeypa
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["models"] == "shipped (sfpp/assets)" and "teacher" not in results["results"]
     assert set(results["results"]) == {"world (ground truth)", "Self-Forcing", "Self-Forcing++", "Self-Forcing++ +GRPO"}
-    assert (tmp_path / "eval" / "pixel_change.png").is_file()
-    for bad in (["--multiples", "5,1"], ["--ship-tables"]):
+    assert (tmp_path / "eval" / "pixel_change.png").is_file() and results["cache"] == "each model's own"
+    for bad in (["--multiples", "5,1"], ["--ship-tables"], ["--window", "9"], ["--window", "0", "--sink", "3"],
+                ["--shipped", "--ship-tables", "--window", "9", "--sink", "3"]):  # fmt: skip
         with pytest.raises(SystemExit):
             evaluate_main(["--out", str(tmp_path), *bad])
+    # Another cache for every student: 3 sink frames and a 3-frame window wrap within the 12 frames rolled out, so
+    # the second window's frames differ from those of the models' own 12-frame window.
+    sinks = tmp_path / "sinks"
+    evaluate_main(["--shipped", "--out", str(sinks), "--prompts", "2", "--seeds", "1", "--multiples", "1,2",
+                   "--window", "3", "--sink", "3"])  # fmt: skip
+    with_sinks = json.loads((sinks / "eval" / "results.json").read_text())
+    assert with_sinks["cache"] == {"window": 3, "sink": 3}
+    change = [run["results"]["Self-Forcing++"]["per_seed"][0]["per_window"]["pixel_change"]
+              for run in (results, with_sinks)]  # fmt: skip
+    assert change[0][0] == pytest.approx(change[1][0]) and change[0][1] != pytest.approx(change[1][1], rel=1e-3)
     # The README's block and each card's evaluation section, from this table (copies: the checkout is not touched).
     cards = {}
     for name, where in ship.SHIPPED_MODELS.items():

@@ -5,7 +5,9 @@ per object, speed), exposure, clipping, colour drift from the rollout's first wi
 Writes results.json, table.md and one PNG per metric into <out>/eval/.
 
 `--shipped` evaluates the models that ship in sfpp/assets (`Pipeline.from_pretrained(name)`: the same weights a
-toy run's stages wrote) instead of a run's stages; the teacher, which does not ship, is left out then."""
+toy run's stages wrote) instead of a run's stages; the teacher, which does not ship, is left out then. Each model
+rolls out with its own cache (a shipped model's settings: window and attention sinks; a run's: the recipe's window),
+unless `--window W --sink S` gives every student another."""
 
 from __future__ import annotations
 
@@ -67,18 +69,23 @@ def evaluate(
     seeds: tuple[int, ...] = EVAL_SEEDS,
     shipped: bool = False,
     weights: dict[str, Path] | None = None,
+    layout: tuple[int, int] | None = None,
 ) -> dict:
-    """`weights` (label -> student weights) replaces the run's stages and leaves the teacher out (train.budget)."""
+    """`weights` (label -> student weights) replaces the run's stages and leaves the teacher out (train.budget).
+    `layout` (window, sink frames of the cache) replaces every student's own: a shipped model's settings, else the
+    recipe's window and no sink."""
     helper = (_ShippedEval if shipped else _Eval)(recipe, out, Dist(device=device))
     k, fpc = recipe.horizon, recipe.frames_per_chunk
     students, teacher = {}, None
     schedules = {}  # label -> the schedule it samples with: a shipped model's own, else the recipe's
+    layouts = {}  # label -> its cache's (window, sink): a shipped model's own, else the recipe's window and no sink
     if shipped:
         from sfpp.pipeline import Pipeline
 
         for label, name in SHIPPED.items():
             pipe = Pipeline.from_pretrained(name)
             students[label], schedules[label] = pipe.transformer.float().to(device).eval(), pipe.schedule
+            layouts[label] = (pipe.settings.window, pipe.settings.sink)
     else:
         if weights is None:  # the run's own stages, and its teacher
             teacher = helper.frozen_teacher()
@@ -100,7 +107,9 @@ def evaluate(
         for label, student in students.items():
             rollout = rollouts.setdefault(label, R.RolloutModel(student, helper.dtype, device, (0, None)))
             schedule = schedules.get(label, helper.schedule)
-            cache, runner = helper.new_cache(rollout.get(), num_prompts, ctx, rollout, schedule)  # the chunk runner
+            cache, runner = helper.new_cache(
+                rollout.get(), num_prompts, ctx, rollout, schedule, layout or layouts.get(label)
+            )  # and the chunk runner bound to it
             shape = helper.chunk_shape(num_prompts)
             latents = R.student_rollout(
                 rollout.get(), cache, shape, k * max(multiples), schedule, _gen(seed), runner=runner
@@ -113,7 +122,8 @@ def evaluate(
     eval_dir = out / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     meta = {"horizon": k, "fps": recipe.fps, "seeds": list(seeds), "prompts_per_seed": num_prompts,
-            "multiples": list(multiples), "models": "shipped (sfpp/assets)" if shipped else str(out)}  # fmt: skip
+            "multiples": list(multiples), "models": "shipped (sfpp/assets)" if shipped else str(out),
+            "cache": "each model's own" if layout is None else {"window": layout[0], "sink": layout[1]}}  # fmt: skip
     (eval_dir / "results.json").write_text(json.dumps({**meta, "results": results}, indent=2))
     (eval_dir / "table.md").write_text(table(results, multiples))
     plots(results, k, recipe.fps, eval_dir)
@@ -290,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=len(EVAL_SEEDS), help="evaluation seeds (default: 3)")
     default = ",".join(map(str, MULTIPLES))
     p.add_argument("--multiples", default=default, help=f"horizons to report, in teacher horizons ({default})")
+    p.add_argument("--window", type=int, help="roll every student out with this many window frames in its cache "
+                   "(default: its own: a shipped model's settings, else the recipe's)")  # fmt: skip
+    p.add_argument("--sink", type=int, help="... and this many first frames kept as attention sinks (default: its own)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     multiples = tuple(int(x) for x in args.multiples.split(","))
@@ -300,13 +313,18 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--shipped evaluates the toy world's shipped models: use --recipe toy")
     if args.ship_tables and not args.shipped:
         p.error("--ship-tables writes the evaluation of the shipped models: add --shipped")
+    if (args.window is None) != (args.sink is None) or (args.window is not None and (args.window < 1 or args.sink < 0)):
+        p.error("--window and --sink go together: a window of at least 1 frame and 0 or more sink frames")
+    if args.ship_tables and args.window is not None:
+        p.error("--ship-tables writes the shipped models' tables as they run: drop --window and --sink")
     torch.set_num_threads(1)
     if args.ship_tables:
         from train.ship import check_shippable
 
         check_shippable(recipe)  # before the evaluation's minutes, not after
+    layout = None if args.window is None else (args.window, args.sink)
     evaluate(recipe, Path(args.out), torch.device(args.device), args.prompts, multiples, tuple(range(args.seeds)),
-             shipped=args.shipped)  # fmt: skip
+             shipped=args.shipped, layout=layout)  # fmt: skip
     if args.ship_tables:
         from train.ship import restamp_tables
 

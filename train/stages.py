@@ -237,18 +237,21 @@ class Stage:
         ctx: Tensor,
         rollout: R.RolloutModel,
         schedule: FlowMatchSchedule | None = None,
+        layout: tuple[int, int] | None = None,
     ) -> tuple[RingKVCache, R.ChunkRunner]:
         """A ring cache in the compute dtype holding the prompts' text K/V, and the chunk runner of `rollout`'s model
         bound to it. Kept per batch size and reset for the next rollout, as the pipeline reuses a stream's
         state: a runner's CUDA graphs are captured once per fill level, not once per rollout. Keyed by the rollout
-        model too: a runner is bound to its model. `schedule`: the runner's, if not the recipe's (a shipped model's)."""
+        model too: a runner is bound to its model. `schedule`: the runner's, if not the recipe's (a shipped model's);
+        `layout`: (window, sink) frames of the cache, if not the recipe's window and no sink."""
         schedule = schedule or self.schedule
-        key = (rollout, batch, schedule)
+        window, sink = layout or (self.recipe.window, 0)
+        key = (rollout, batch, schedule, window, sink)
         if key not in self.pool:
             h, w = self.recipe.latent_hw
             tokens = (h // model.cfg.patch_size[1]) * (w // model.cfg.patch_size[2])
             cache = RingKVCache(
-                model.cfg, batch_size=batch, frame_tokens=tokens, window=self.recipe.window, dtype=self.dtype,
+                model.cfg, batch_size=batch, frame_tokens=tokens, window=window, sink=sink, dtype=self.dtype,
                 device=self.device,
             )  # fmt: skip
             runner = R.ChunkRunner(rollout.get(), cache, schedule, cuda_graph=rollout.cuda_graph)
