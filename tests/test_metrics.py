@@ -85,7 +85,7 @@ def test_evaluate_the_shipped_models_and_restamp_their_tables(tmp_path, monkeypa
     assert results["models"] == "shipped (sfpp/assets)" and "teacher" not in results["results"]
     assert set(results["results"]) == {"world (ground truth)", "Self-Forcing", "Self-Forcing++", "Self-Forcing++ +GRPO"}
     assert (tmp_path / "eval" / "pixel_change.png").is_file() and results["cache"] == "each model's own"
-    for bad in (["--multiples", "5,1"], ["--ship-tables"], ["--window", "9"], ["--window", "0", "--sink", "3"],
+    for bad in (["--multiples", "5,1"], ["--ship-tables"], ["--window", "9"], ["--window", "2", "--sink", "3"],
                 ["--shipped", "--ship-tables", "--window", "9", "--sink", "3"]):  # fmt: skip
         with pytest.raises(SystemExit):
             evaluate_main(["--out", str(tmp_path), *bad])

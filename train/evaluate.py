@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--window and --sink go together: a window of at least 1 frame and 0 or more sink frames")
     if args.ship_tables and args.window is not None:
         p.error("--ship-tables writes the shipped models' tables as they run: drop --window and --sink")
+    if args.window is not None and args.window < recipe.frames_per_chunk:
+        p.error(f"--window {args.window} is shorter than a chunk of {recipe.frames_per_chunk} frames")
     torch.set_num_threads(1)
     if args.ship_tables:
         from train.ship import check_shippable
