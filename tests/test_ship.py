@@ -110,7 +110,9 @@ def test_ship_to_a_directory(fake_run, tmp_path):
     recipe, out = fake_run
     target = ship(recipe, out, tmp_path / "model", stage="dmd")
     assert Pipeline.from_pretrained(target).transformer.cfg == recipe.model
-    ship(recipe, out, target, stage="grpo")  # an sfpp model directory is replaced whole
+    ship(replace(recipe, window=5, sink=2), out, target, stage="grpo")  # an sfpp model directory is replaced whole
+    settings = Pipeline.from_pretrained(target).settings
+    assert (settings.window, settings.sink) == (5, 2)  # the student ships with the cache it was trained through
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")

@@ -521,6 +521,20 @@ def test_bf16_tracks_fp32_and_steps_the_fp32_master_weights(smoke_run, tmp_path)
     assert tiny > 0  # updates a bf16 copy of the weights would have lost
 
 
+def test_the_recipe_sinks_reach_the_training_cache(smoke_run, tmp_path):
+    """Recipe.sink: Self-Forcing++'s rollouts run through a cache with those sinks beside the recipe's window (as the
+    shipped settings then say, tests/test_ship.py); an explicit layout still wins."""
+    recipe, out, _ = smoke_run
+    run = _with_teacher_and_ode(out, tmp_path)
+    stage = ExtendedDMDStage(replace(recipe, window=3, sink=2), run, Dist())
+    gen = stage.models["generator"]
+    ctx = stage.encode(stage.text, ["a red circle"])
+    cache, _ = stage.new_cache(gen, 1, ctx, stage.rollout_model("generator"))
+    assert (cache.window, cache.sink) == (3, 2)
+    cache, _ = stage.new_cache(gen, 1, ctx, stage.rollout_model("generator"), layout=(4, 0))
+    assert (cache.window, cache.sink) == (4, 0)
+
+
 def test_lora_trains_only_adapters_and_the_merge_is_the_adapted_rollout(smoke_run, tmp_path):
     """lora_rank 4: only the adapters train (the base weights are bit-identical after two generator updates); the
     merged plain state dict (what the stage writes) rolls out the adapted model's video up to fp32 rounding (1e-4),

@@ -104,6 +104,7 @@ class Recipe:
     horizon: int = 12  # teacher horizon K in latent frames (= video frames for the toy codec)
     frames_per_chunk: int = 3
     window: int = 12  # student's rolling KV cache, latent frames
+    sink: int = 0  # first frames the student's cache keeps as attention sinks, in training and when shipped
     seed: int = 0
     # Noise-level shift of the student's 4 steps and of the teacher's ODE grid (sampler.FlowMatchSchedule): Wan's 5.0
     # suits its large latents; the toy world's 8x8 latents keep detail to resolve at lower noise.
@@ -202,6 +203,10 @@ RECIPES: dict[str, Recipe] = {
     # so, they flicker a third less, but their objects slow past the horizon and the seams rise; not shipped
     # (train/results/toy/frame_correlation/).
     "toy-correlated": replace(TOY, name="toy-correlated", frame_correlation=0.9, correlated_from=3),
+    # The toy recipe's students with 3 attention sinks beside a 9-frame window (the same 12 frames attended): at
+    # inference alone they held the shipped Self-Forcing++'s exposure and 60x motion (train/results/toy/sinks/);
+    # here Self-Forcing++ trains through that cache.
+    "toy-sink": replace(TOY, name="toy-sink", window=9, sink=3),
     "smoke": Recipe(
         "smoke",
         replace(TOY_MODEL, dim=32, ffn_dim=64, num_heads=2, num_layers=1),

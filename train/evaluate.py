@@ -6,7 +6,7 @@ Writes results.json, table.md and one PNG per metric into <out>/eval/.
 
 `--shipped` evaluates the models that ship in sfpp/assets (`Pipeline.from_pretrained(name)`: the same weights a
 toy run's stages wrote) instead of a run's stages; the teacher, which does not ship, is left out then. Each model
-rolls out with its own cache (a shipped model's settings: window and attention sinks; a run's: the recipe's window),
+rolls out with its own cache (a shipped model's settings: window and attention sinks; a run's: the recipe's),
 unless `--window W --sink S` gives every student another."""
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ def evaluate(
 ) -> dict:
     """`weights` (label -> student weights) replaces the run's stages and leaves the teacher out (train.budget).
     `layout` (window, sink frames of the cache) replaces every student's own: a shipped model's settings, else the
-    recipe's window and no sink."""
+    recipe's."""
     helper = (_ShippedEval if shipped else _Eval)(recipe, out, Dist(device=device))
     k, fpc = recipe.horizon, recipe.frames_per_chunk
     students, teacher = {}, None
     schedules = {}  # label -> the schedule it samples with: a shipped model's own, else the recipe's
-    layouts = {}  # label -> its cache's (window, sink): a shipped model's own, else the recipe's window and no sink
+    layouts = {}  # label -> its cache's (window, sink): a shipped model's own, else the recipe's
     if shipped:
         from sfpp.pipeline import Pipeline
 

@@ -97,7 +97,7 @@ def _stage(recipe: Recipe, out: Path, target: Path, stage: str) -> Path:
     settings = StreamSettings(
         frames_per_chunk=recipe.frames_per_chunk,
         window=recipe.window,
-        sink=0,
+        sink=recipe.sink,
         height=recipe.frame_size,
         width=recipe.frame_size,
         fps=recipe.fps,

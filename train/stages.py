@@ -243,9 +243,9 @@ class Stage:
         bound to it. Kept per batch size and reset for the next rollout, as the pipeline reuses a stream's
         state: a runner's CUDA graphs are captured once per fill level, not once per rollout. Keyed by the rollout
         model too: a runner is bound to its model. `schedule`: the runner's, if not the recipe's (a shipped model's);
-        `layout`: (window, sink) frames of the cache, if not the recipe's window and no sink."""
+        `layout`: (window, sink) frames of the cache, if not the recipe's."""
         schedule = schedule or self.schedule
-        window, sink = layout or (self.recipe.window, 0)
+        window, sink = layout or (self.recipe.window, self.recipe.sink)
         key = (rollout, batch, schedule, window, sink)
         if key not in self.pool:
             h, w = self.recipe.latent_hw
