@@ -203,9 +203,9 @@ RECIPES: dict[str, Recipe] = {
     # so, they flicker a third less, but their objects slow past the horizon and the seams rise; not shipped
     # (train/results/toy/frame_correlation/).
     "toy-correlated": replace(TOY, name="toy-correlated", frame_correlation=0.9, correlated_from=3),
-    # The toy recipe's students with 3 attention sinks beside a 9-frame window (the same 12 frames attended): at
-    # inference alone they held the shipped Self-Forcing++'s exposure and 60x motion (train/results/toy/sinks/);
-    # here Self-Forcing++ trains through that cache.
+    # The toy recipe's students with 3 attention sinks beside a 9-frame window (the same 12 frames attended). At
+    # inference alone the sinks held the shipped Self-Forcing++'s exposure and 60x motion; Self-Forcing++ trained
+    # through them measures the same, and neither holds motion at 20x (train/results/toy/sinks/). Not shipped.
     "toy-sink": replace(TOY, name="toy-sink", window=9, sink=3),
     "smoke": Recipe(
         "smoke",
