@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from train.evaluate import METRICS, span, summarise, table, video_metrics
 from train.evaluate import main as evaluate_main
-from train.evaluate import summarise, table, video_metrics
 from train.metrics import colour_drift, object_masks, object_stats, pixel_change
 from train.world import COLOURS, SPEEDS, WorldObject, WorldSpec, eval_specs, frames_uint8, render
 
@@ -74,6 +74,27 @@ def test_summary_is_relative_to_the_world_on_the_same_prompts():
     assert s_model["luminance/world@1x"][0] == pytest.approx(1.0, abs=0.02)
     md = table({"world": {"windows": 2, "summary": s_world}, "boiling": {"windows": 2, "summary": s_model}}, (1, 2))
     assert "| pixel change / world @1x |" in md and "| objects present @2x |" in md and "| boiling | " in md
+
+
+def test_a_multiple_is_measured_over_the_windows_around_it():
+    windows = 25
+
+    def run(speeds: list[float]) -> dict:
+        per_window = {m: [1.0] * windows for m in METRICS}
+        per_window["object_speed"] = speeds
+        return {"windows": windows, "per_window": per_window, "rollout_drift": [0.0], "no_repeat": 1.0}
+
+    speeds = [0.9] + [0.5] * (windows - 1)
+    speeds[19] = 3.0  # window 20: an object lost and found again elsewhere reads as a jump
+    speeds[20] = float("nan")  # window 21: no object seen in two frames in a row
+    world = run([1.0] * windows)
+    world["per_window"]["object_speed"][21] = 2.0  # window 22: the world's own fast stretch counts against it
+    s = summarise([run(speeds)], [world], (1, 5, 20, 25))["summary"]
+    assert s["object_speed/world@1x"][0] == pytest.approx(0.9)  # the first window alone
+    assert s["object_speed/world@5x"][0] == pytest.approx(0.5)
+    assert s["object_speed/world@20x"][0] == pytest.approx((0.5 * 3 + 3.0) / 4 / ((1.0 * 4 + 2.0) / 5))  # 18..22
+    assert s["object_speed/world@25x"][0] == pytest.approx(0.5)  # windows 23..25: the rollout ends at 25
+    assert [w + 1 for w in span(60, 60)] == list(range(54, 61))
 
 
 def test_evaluate_the_shipped_models_and_restamp_their_tables(tmp_path, monkeypatch):

@@ -160,8 +160,9 @@ def eval_section(recipe: Recipe, command: str, table: str, meta: dict) -> str:
     return f"""{EVAL_HEADER} (`{command}`)
 
 Rollouts of {last}x the {recipe.horizon}-frame teacher horizon, {prompts} prompts per evaluation seed, {seeds} seeds
-(each its own prompts and noise); every figure is the mean ± standard deviation over the seeds, in the horizon-long
-window at that multiple (`train/evaluate.py`, `train/metrics.py`). Pixel change / world: the mean change of a pixel
+(each its own prompts and noise); every figure is the mean ± standard deviation over the seeds, over the
+horizon-long windows within 10% of that multiple (1x: the first window; 20x: windows 18-22; the last multiple: the
+windows up to it; `train/evaluate.py`, `train/metrics.py`). Pixel change / world: the mean change of a pixel
 channel from frame to frame over the world's on the same prompts (flicker: a video that boils changes more than the
 world however little its objects move). Object speed / world: how fast each prompted object's blob moves, over the
 world's speed. Objects present: the share of frames where a prompted object is exactly one blob of its colour and
