@@ -113,6 +113,11 @@ def test_ship_to_a_directory(fake_run, tmp_path):
     ship(replace(recipe, window=5, sink=2), out, target, stage="grpo")  # an sfpp model directory is replaced whole
     settings = Pipeline.from_pretrained(target).settings
     assert (settings.window, settings.sink) == (5, 2)  # the student ships with the cache it was trained through
+    ship(replace(recipe, window=5, sink=2, inference_cache=(4, 3)), out, target, stage="grpo")
+    settings = Pipeline.from_pretrained(target).settings
+    assert (settings.window, settings.sink) == (4, 3)  # unless the recipe gives it another to run with
+    card = " ".join((target / "MODEL_CARD.md").read_text().split())
+    assert "cache of 4 frames after 3 attention-sink frames (the first, kept); it was trained through 5 frames" in card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")

@@ -535,6 +535,23 @@ def test_the_recipe_sinks_reach_the_training_cache(smoke_run, tmp_path):
     assert (cache.window, cache.sink) == (4, 0)
 
 
+def test_a_run_is_evaluated_with_the_cache_it_ships_with(smoke_run, tmp_path, monkeypatch):
+    """Recipe.inference_cache: a run's students are evaluated through the cache `ship` writes into their settings
+    (tests/test_ship.py), not the one they were trained through."""
+    from train.evaluate import evaluate
+    from train.stages import Stage
+
+    recipe, out, _ = smoke_run
+    (tmp_path / "teacher").symlink_to(out / "teacher")  # the run's text encoder
+    seen, new_cache = [], Stage.new_cache
+    monkeypatch.setattr(Stage, "new_cache", lambda self, *a: seen.append(a[5]) or new_cache(self, *a))
+    weights = {"Self-Forcing": out / "dmd" / "final" / "ema.safetensors"}
+    evaluate(replace(recipe, inference_cache=(4, 2)), tmp_path, torch.device("cpu"), 1, (1,), (0,), weights=weights)
+    assert seen == [(4, 2)]
+    evaluate(recipe, tmp_path, torch.device("cpu"), 1, (1,), (0,), weights=weights)
+    assert seen[1] == (recipe.window, recipe.sink)
+
+
 def test_lora_trains_only_adapters_and_the_merge_is_the_adapted_rollout(smoke_run, tmp_path):
     """lora_rank 4: only the adapters train (the base weights are bit-identical after two generator updates); the
     merged plain state dict (what the stage writes) rolls out the adapted model's video up to fp32 rounding (1e-4),

@@ -103,8 +103,11 @@ class Recipe:
     fps: int = 8
     horizon: int = 12  # teacher horizon K in latent frames (= video frames for the toy codec)
     frames_per_chunk: int = 3
-    window: int = 12  # student's rolling KV cache, latent frames
-    sink: int = 0  # first frames the student's cache keeps as attention sinks, in training and when shipped
+    window: int = 12  # student's rolling KV cache in training, latent frames
+    sink: int = 0  # first frames the training cache keeps as attention sinks
+    # (window, sink) of the cache the trained students run with, shipped and evaluated; None: the training cache.
+    # Sinks need no training (StreamingLLM; Rolling Sink): see TOY.
+    inference_cache: tuple[int, int] | None = None
     seed: int = 0
     # Noise-level shift of the student's 4 steps and of the teacher's ODE grid (sampler.FlowMatchSchedule): Wan's 5.0
     # suits its large latents; the toy world's 8x8 latents keep detail to resolve at lower noise.
@@ -147,6 +150,11 @@ class Recipe:
         return FlowMatchSchedule(
             shift=self.shift, frame_correlation=self.frame_correlation, correlated_from=self.correlated_from
         )
+
+    @property
+    def inference_layout(self) -> tuple[int, int]:
+        """(window, sink) frames of the cache the trained students run with."""
+        return self.inference_cache or (self.window, self.sink)
 
     @property
     def latent_size(self) -> int:

@@ -7,7 +7,8 @@ Writes results.json, table.md and one PNG per metric into <out>/eval/.
 
 `--shipped` evaluates the models that ship in sfpp/assets (`Pipeline.from_pretrained(name)`: the same weights a
 toy run's stages wrote) instead of a run's stages; the teacher, which does not ship, is left out then. Each model
-rolls out with its own cache (a shipped model's settings: window and attention sinks; a run's: the recipe's),
+rolls out with its own cache (a shipped model's settings: window and attention sinks; a run's: the recipe's
+`inference_layout`),
 unless `--window W --sink S` gives every student another."""
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def evaluate(
     k, fpc = recipe.horizon, recipe.frames_per_chunk
     students, teacher = {}, None
     schedules = {}  # label -> the schedule it samples with: a shipped model's own, else the recipe's
-    layouts = {}  # label -> its cache's (window, sink): a shipped model's own, else the recipe's
+    layouts = {}  # label -> its cache's (window, sink): a shipped model's own, else the recipe's inference cache
     if shipped:
         from sfpp.pipeline import Pipeline
 
@@ -108,8 +109,9 @@ def evaluate(
         for label, student in students.items():
             rollout = rollouts.setdefault(label, R.RolloutModel(student, helper.dtype, device, (0, None)))
             schedule = schedules.get(label, helper.schedule)
+            own = layouts.get(label, recipe.inference_layout)
             cache, runner = helper.new_cache(
-                rollout.get(), num_prompts, ctx, rollout, schedule, layout or layouts.get(label)
+                rollout.get(), num_prompts, ctx, rollout, schedule, layout or own
             )  # and the chunk runner bound to it
             shape = helper.chunk_shape(num_prompts)
             latents = R.student_rollout(

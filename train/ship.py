@@ -94,10 +94,11 @@ def _stage(recipe: Recipe, out: Path, target: Path, stage: str) -> Path:
     weights = BY_STAGE[stage][1]
     student = load_module(WanModel(recipe.model), out / stage / "final" / f"{weights}.safetensors")
     text = load_module(ByteTextEncoder(recipe.text), out / "teacher" / "final" / "text.safetensors")
+    window, sink = recipe.inference_layout
     settings = StreamSettings(
         frames_per_chunk=recipe.frames_per_chunk,
-        window=recipe.window,
-        sink=recipe.sink,
+        window=window,
+        sink=sink,
         height=recipe.frame_size,
         width=recipe.frame_size,
         fps=recipe.fps,
@@ -219,12 +220,17 @@ def model_card(recipe: Recipe, out: Path, stage: str) -> str:
             costs.append(f"{name} {m.get('steps', len(m['history']))} steps{cost}")
     m, f = recipe.model, recipe.codec_factor
     label = BY_STAGE[stage][0]
+    window, sink = recipe.inference_layout
+    cache = f"of {window} frames" + (f" after {sink} attention-sink frames (the first, kept)" if sink else "")
+    if (window, sink) != (recipe.window, recipe.sink):
+        cache += f"; it was trained through {recipe.window} frames" + (f" after {recipe.sink} sinks" if recipe.sink else
+                                                                       " without sinks")  # fmt: skip
     return f"""# sfpp toy-world student ({label}, stage `{stage}`)
 
 A block-causal Wan-architecture DiT (dim {m.dim}, {m.num_layers} layers, {m.num_heads} heads, ffn {m.ffn_dim}) that
 generates {recipe.frame_size}x{recipe.frame_size} video of the procedural world in `train/world.py` at {recipe.fps} fps,
 {recipe.frames_per_chunk} latent frames per chunk, 4 denoising steps (shift {recipe.shift:g}), over a rolling KV cache
-of {recipe.window} frames. Latents are the fixed patch-PCA codec of `sfpp/models/toy.py` ({f}x{f} pixel blocks,
+{cache}. Latents are the fixed patch-PCA codec of `sfpp/models/toy.py` ({f}x{f} pixel blocks,
 {m.in_channels} channels); prompts go through a word-level text encoder trained with the teacher.
 The shipped models are `default` (Self-Forcing++), `self-forcing` (the baseline) and `self-forcing++-grpo`:
 `Pipeline.from_pretrained(name)` or `sfpp generate --model name`.
