@@ -230,8 +230,9 @@ def model_card(recipe: Recipe, out: Path, stage: str) -> str:
 A block-causal Wan-architecture DiT (dim {m.dim}, {m.num_layers} layers, {m.num_heads} heads, ffn {m.ffn_dim}) that
 generates {recipe.frame_size}x{recipe.frame_size} video of the procedural world in `train/world.py` at {recipe.fps} fps,
 {recipe.frames_per_chunk} latent frames per chunk, 4 denoising steps (shift {recipe.shift:g}), over a rolling KV cache
-{cache}. Latents are the fixed patch-PCA codec of `sfpp/models/toy.py` ({f}x{f} pixel blocks,
-{m.in_channels} channels); prompts go through a word-level text encoder trained with the teacher.
+{cache}.
+Latents are the fixed patch-PCA codec of `sfpp/models/toy.py` ({f}x{f} pixel blocks, {m.in_channels} channels);
+prompts go through a word-level text encoder trained with the teacher.
 The shipped models are `default` (Self-Forcing++), `self-forcing` (the baseline) and `self-forcing++-grpo`:
 `Pipeline.from_pretrained(name)` or `sfpp generate --model name`.
 
