@@ -8,8 +8,7 @@ Writes results.json, table.md and one PNG per metric into <out>/eval/.
 `--shipped` evaluates the models that ship in sfpp/assets (`Pipeline.from_pretrained(name)`: the same weights a
 toy run's stages wrote) instead of a run's stages; the teacher, which does not ship, is left out then. Each model
 rolls out with its own cache (a shipped model's settings: window and attention sinks; a run's: the recipe's
-`inference_layout`),
-unless `--window W --sink S` gives every student another."""
+`inference_layout`), unless `--window W --sink S` gives every student another."""
 
 from __future__ import annotations
 
@@ -75,7 +74,7 @@ def evaluate(
 ) -> dict:
     """`weights` (label -> student weights) replaces the run's stages and leaves the teacher out (train.budget).
     `layout` (window, sink frames of the cache) replaces every student's own: a shipped model's settings, else the
-    recipe's."""
+    recipe's `inference_layout`."""
     helper = (_ShippedEval if shipped else _Eval)(recipe, out, Dist(device=device))
     k, fpc = recipe.horizon, recipe.frames_per_chunk
     students, teacher = {}, None
@@ -316,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     default = ",".join(map(str, MULTIPLES))
     p.add_argument("--multiples", default=default, help=f"horizons to report, in teacher horizons ({default})")
     p.add_argument("--window", type=int, help="roll every student out with this many window frames in its cache "
-                   "(default: its own: a shipped model's settings, else the recipe's)")  # fmt: skip
+                   "(default: its own: a shipped model's settings, else the recipe's inference cache)")  # fmt: skip
     p.add_argument("--sink", type=int, help="... and this many first frames kept as attention sinks (default: its own)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)

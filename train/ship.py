@@ -223,8 +223,8 @@ def model_card(recipe: Recipe, out: Path, stage: str) -> str:
     window, sink = recipe.inference_layout
     cache = f"of {window} frames" + (f" after {sink} attention-sink frames (the first, kept)" if sink else "")
     if (window, sink) != (recipe.window, recipe.sink):
-        cache += f"; it was trained through {recipe.window} frames" + (f" after {recipe.sink} sinks" if recipe.sink else
-                                                                       " without sinks")  # fmt: skip
+        trained_sinks = f"after {recipe.sink} sinks" if recipe.sink else "without sinks"
+        cache += f"; it was trained through {recipe.window} frames {trained_sinks}"
     return f"""# sfpp toy-world student ({label}, stage `{stage}`)
 
 A block-causal Wan-architecture DiT (dim {m.dim}, {m.num_layers} layers, {m.num_heads} heads, ffn {m.ffn_dim}) that
